@@ -18,6 +18,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 
 import numpy as np
+
 from kv_benchmarks.report import Report
 
 VOCAB = 150_000
