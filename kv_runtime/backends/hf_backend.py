@@ -1,0 +1,106 @@
+"""The embedded engine: any causal LM that transformers loads, on CPU or GPU.
+
+Cached blocks are restored into the model's own cache object (``DynamicCache``) and only the rest of the prompt
+is prefilled. A block's bytes are the concatenation, layer by layer, of its keys and then its values, each
+``[kv_heads, block_size, head_dim]`` in the cache dtype: the same bytes whichever tier holds them, so a block
+saved from one request restores into any other with the same namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class HFBlockShape:
+    """How one block of a transformers cache is laid out in bytes."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def block_bytes(self) -> int:
+        return self.num_layers * 2 * self.kv_heads * self.block_size * self.head_dim * self.dtype.itemsize
+
+    @classmethod
+    def from_config(cls, config, block_size: int, dtype: torch.dtype) -> HFBlockShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
+
+
+class HFModel:
+    """A transformers causal LM with block-granular access to its KV cache."""
+
+    def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "auto", block_size: int = 64):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.config = self.model.config
+        self.shape = HFBlockShape.from_config(self.config, block_size, self.model.dtype)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run the prompt (or its uncached rest) through the model, growing ``cache``; returns last logits."""
+        out = self.model(input_ids.view(1, -1).to(self.device), past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def prefill_logits(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """All positions' logits of a prefill (for correctness checks against a full prefill)."""
+        out = self.model(input_ids.view(1, -1).to(self.device), past_key_values=cache, use_cache=True)
+        return out.logits[0].float()
+
+    def blocks_from_cache(
+        self, cache, first_block: int, num_blocks: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bytes of blocks ``[first_block, first_block + num_blocks)`` as ``[num_blocks, block_bytes]`` uint8."""
+        s = self.shape
+        start, end = first_block * s.block_size, (first_block + num_blocks) * s.block_size
+        if end > cache.get_seq_length():
+            raise ValueError(f"cache holds {cache.get_seq_length()} tokens, blocks need {end}")
+        per_layer = []
+        for layer in cache.layers:
+            kv = torch.stack([layer.keys[0, :, start:end], layer.values[0, :, start:end]])  # [2, H, T, D]
+            kv = kv.view(2, s.kv_heads, num_blocks, s.block_size, s.head_dim).permute(2, 0, 1, 3, 4)
+            per_layer.append(kv)
+        blocks = torch.stack(per_layer, dim=1).contiguous()  # [N, L, 2, H, bs, D]
+        flat = blocks.view(num_blocks, -1).view(torch.uint8)
+        if out is None:
+            return flat.cpu() if flat.device.type != "cpu" else flat
+        out.copy_(flat, non_blocking=True)
+        return out
+
+    def cache_from_blocks(self, blocks: Sequence[torch.Tensor] | torch.Tensor):
+        """A fresh cache holding the given blocks (uint8, ``block_bytes`` each) in order."""
+        s = self.shape
+        n = len(blocks)
+        flat = blocks if isinstance(blocks, torch.Tensor) else torch.stack(list(blocks))
+        if flat.dtype != torch.uint8 or flat.shape != (n, s.block_bytes):
+            raise ValueError(f"expected uint8 blocks of {s.block_bytes} bytes, got {flat.dtype} {tuple(flat.shape)}")
+        kv = flat.to(self.device, non_blocking=True).view(s.dtype)
+        kv = kv.view(n, s.num_layers, 2, s.kv_heads, s.block_size, s.head_dim)
+        kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(s.num_layers, 2, 1, s.kv_heads, n * s.block_size, s.head_dim)
+        cache = self.new_cache()
+        for layer in range(s.num_layers):
+            cache.update(kv[layer, 0], kv[layer, 1], layer)
+        return cache
