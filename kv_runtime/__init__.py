@@ -26,9 +26,9 @@ _EXPORTS = {
         "PoolFullError",
         "PoolStats",
         "Slot",
-        "Tier",
         "TierUnavailableError",
     ],
+    "kv_runtime.tier": ["Tier"],
     "kv_runtime.quota": ["QuotaExceededError", "QuotaManager", "QuotaPressure"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

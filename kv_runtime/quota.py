@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kv_runtime.pools import Tier
+from kv_runtime.tier import Tier
 
 
 class QuotaExceededError(MemoryError):
