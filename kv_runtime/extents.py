@@ -54,6 +54,13 @@ class ExtentAllocator:
         """``(offset, size)`` of every hole, by offset."""
         return zip(self._starts, self._sizes, strict=True)
 
+    def hole_before(self, offset: int) -> tuple[int, int] | None:
+        """``(start, size)`` of the hole that ends exactly at ``offset``, if there is one."""
+        i = bisect_left(self._starts, offset) - 1
+        if i >= 0 and self._starts[i] + self._sizes[i] == offset:
+            return self._starts[i], self._sizes[i]
+        return None
+
     def is_free(self, offset: int, size: int) -> bool:
         i = bisect_right(self._starts, offset) - 1
         return i >= 0 and self._starts[i] + self._sizes[i] >= offset + size

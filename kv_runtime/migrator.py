@@ -1,0 +1,429 @@
+"""Executes migration plans: batched copies of blocks between tiers, as asyncio tasks.
+
+A plan moves many blocks in one direction. The migrator leases them (index pins, busy source slots), claims
+destination slots under quota, moves the bytes, and only then registers the new copies: a block's copy in a
+tier exists for everybody else exactly when its bytes are complete. Whatever happens — success, an I/O miss,
+an exception, cancellation — every lease and every uncommitted slot is returned, and no slot is returned while
+a copy (a DMA on the GPU, a read or write in an I/O thread) may still touch it.
+
+How bytes move:
+
+- HBM -> DDR: blocks are gathered out of the engine's layer rows into a preallocated device staging buffer
+  (one kernel per chunk when the rows share a storage) on a gather stream, then copied to the pinned DDR
+  slots on a dedicated copy stream; two staging buffers alternate so the gather of chunk i+1 overlaps the
+  DMA of chunk i. Destination slots of a batch are adjacent where the pool allows, so a chunk is one copy.
+- DDR -> HBM: the mirror image (DMA into staging, then scatter into the rows).
+- DDR <-> disk: through ``kv_io.disk_store.DiskStore``; the payload is read into / written from the DDR slot.
+- HBM <-> disk: through the same device path into pinned staging buffers, then the disk store.
+
+No device-wide synchronisation anywhere: ordering is by CUDA events, and completion is observed by polling
+the final event from asyncio (``kv_io.cuda.wait_event``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kv_io.cuda import CopyStream, require_cuda, wait_event
+from kv_io.disk_store import BlockWrite, DiskWriteError
+from kv_io.staging import StagingPool
+from kv_runtime.hierarchy import HierarchyManager, Residency, disk_key
+from kv_runtime.pools import DDRPool, DiskPool, HBMPool, Slot, Tier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+class Outcome(enum.Enum):
+    """What happened to one block of a plan."""
+
+    OK = "ok"  # the destination copy is complete and registered
+    MISS = "miss"  # the source copy was unreadable (corrupt, truncated, I/O error): discarded, counted
+    FAILED = "failed"  # the destination could not be written (e.g. a disk write error): the source stays
+
+
+@dataclass(slots=True)
+class MigrationPlan:
+    """Copy ``blocks`` from ``src`` to ``dst``; drop the source copies afterwards unless ``keep_source``.
+
+    ``after`` is an optional CUDA event (e.g. recorded on the engine's compute stream after it wrote the
+    blocks): device work of this plan waits for it, without the host waiting.
+    """
+
+    src: Tier
+    dst: Tier
+    blocks: Sequence[Residency]
+    keep_source: bool = True
+    after: Any = None
+
+
+@dataclass(slots=True)
+class MigrationResult:
+    src: Tier
+    dst: Tier
+    moved: list[Residency] = field(default_factory=list)
+    missed: list[Residency] = field(default_factory=list)  # the source copy was unreadable: discarded
+    failed: list[Residency] = field(default_factory=list)  # the destination could not be written
+    skipped: list[Residency] = field(default_factory=list)  # dropped meanwhile, or already in dst
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class DirectionStats:
+    blocks: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    plans: int = 0
+    misses: int = 0
+    failures: int = 0
+    cancelled: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class MigrationHandle:
+    """A running plan: ``await handle`` (or ``handle.result()``) for its :class:`MigrationResult`."""
+
+    __slots__ = ("plan", "task")
+
+    def __init__(self, plan: MigrationPlan, task: asyncio.Task[MigrationResult]) -> None:
+        self.plan = plan
+        self.task = task
+
+    def __await__(self):
+        return self.task.__await__()
+
+    async def result(self) -> MigrationResult:
+        return await self.task
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    def cancel(self) -> bool:
+        return self.task.cancel()
+
+
+def _runs(slots: Sequence[Slot]) -> list[tuple[int, int]]:
+    """``(first index, count)`` of maximal runs of slots whose payloads are adjacent in memory."""
+    runs: list[tuple[int, int]] = []
+    for i, s in enumerate(slots):
+        if runs:
+            j, m = runs[-1]
+            prev = slots[i - 1]
+            if s.arena == prev.arena and s.offset == prev.offset + prev.nbytes and s.nbytes == prev.nbytes:
+                runs[-1] = (j, m + 1)
+                continue
+        runs.append((i, 1))
+    return runs
+
+
+class KVMigrator:
+    """Runs :class:`MigrationPlan` s against a :class:`HierarchyManager`; keeps bandwidth per direction."""
+
+    def __init__(
+        self,
+        hierarchy: HierarchyManager,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        staging: StagingPool | None = None,
+    ) -> None:
+        self.hierarchy = hierarchy
+        self.chunk_bytes = chunk_bytes
+        self._staging = staging
+        self._device: dict[str, Any] | None = None
+        self.stats: dict[str, DirectionStats] = {}
+
+    # ------------------------------------------------------------------ public
+
+    def migrate(self, plan: MigrationPlan) -> MigrationHandle:
+        """Start executing ``plan``; returns at once with a handle on the task."""
+        src, dst = Tier(plan.src), Tier(plan.dst)
+        if src is dst:
+            raise ValueError(f"a migration needs two different tiers, got {src.name} -> {dst.name}")
+        for tier in (src, dst):
+            self.hierarchy.pool(tier)
+        if Tier.HBM in (src, dst):
+            require_cuda("a migration to or from HBM")
+        for r in plan.blocks:
+            if not isinstance(r, Residency):
+                raise TypeError(f"plans carry Residency records, got {type(r).__name__}")
+        return MigrationHandle(plan, asyncio.get_running_loop().create_task(self._run(plan)))
+
+    def direction_stats(self) -> dict[str, dict[str, float]]:
+        return {
+            k: {
+                "blocks": v.blocks,
+                "bytes": v.nbytes,
+                "seconds": v.seconds,
+                "GBps": v.gbps,
+                "plans": v.plans,
+                "misses": v.misses,
+                "cancelled": v.cancelled,
+            }
+            for k, v in self.stats.items()
+        }
+
+    # ------------------------------------------------------------------ one plan
+
+    async def _run(self, plan: MigrationPlan) -> MigrationResult:
+        hier = self.hierarchy
+        src, dst = Tier(plan.src), Tier(plan.dst)
+        result = MigrationResult(src, dst)
+        stats = self.stats.setdefault(f"{src.name}->{dst.name}", DirectionStats())
+        blocks: list[Residency] = []
+        for r in plan.blocks:
+            if r.dropped or src not in r.copies or dst in r.copies:
+                result.skipped.append(r)
+            else:
+                blocks.append(r)
+        if not blocks:
+            return result
+        src_slots = [r.copies[src] for r in blocks]
+        while any(s.moving for s in src_slots):  # a disk relocation is in flight: let it finish
+            await asyncio.sleep(0.001)
+        hier.lease(blocks, (src,))
+        n = len(blocks)
+        dst_pool = hier.pool(dst)
+        dst_slots: list[Slot | None] = [None] * n
+        busy = [False] * n
+        try:
+            if isinstance(dst_pool, DiskPool):
+                await dst_pool.reap()
+            for tenant in dict.fromkeys(r.tenant for r in blocks):
+                idx = [i for i, r in enumerate(blocks) if r.tenant == tenant]
+                for i, slot in zip(idx, hier.allocate(dst, [blocks[i].nbytes for i in idx], tenant), strict=True):
+                    dst_slots[i] = slot
+            for i, slot in enumerate(dst_slots):
+                dst_pool.acquire_io(slot)
+                busy[i] = True
+            start = time.perf_counter()
+            ok = await self._transfer(src, dst, blocks, src_slots, dst_slots, plan.after)
+            result.seconds = time.perf_counter() - start
+            for i, r in enumerate(blocks):
+                slot, dst_slots[i] = dst_slots[i], None
+                dst_pool.release_io(slot)
+                busy[i] = False
+                if ok[i] is not Outcome.OK:
+                    hier.free_slot(slot, r.tenant)
+                    (result.missed if ok[i] is Outcome.MISS else result.failed).append(r)
+                elif hier.add_copy(r, dst, slot):
+                    result.moved.append(r)
+                    result.nbytes += r.nbytes
+                else:
+                    result.skipped.append(r)
+            stats.plans += 1
+            stats.blocks += len(result.moved)
+            stats.nbytes += result.nbytes
+            stats.seconds += result.seconds
+            stats.misses += len(result.missed)
+            stats.failures += len(result.failed)
+        except asyncio.CancelledError:
+            stats.cancelled += 1
+            raise
+        finally:
+            # Everything not committed above goes back: the transfer has ended (or was drained) by now.
+            for i, slot in enumerate(dst_slots):
+                if slot is None:
+                    continue
+                if busy[i]:
+                    dst_pool.release_io(slot)
+                hier.free_slot(slot, blocks[i].tenant)
+            hier.unlease(blocks, slots=src_slots)
+        for r in result.missed:
+            hier.discard_invalid(r, src)
+        if not plan.keep_source:
+            for r in result.moved:
+                hier.drop_copy(r, src)
+        return result
+
+    async def _transfer(
+        self,
+        src: Tier,
+        dst: Tier,
+        blocks: list[Residency],
+        src_slots: list[Slot],
+        dst_slots: list[Slot],
+        after: Any,
+    ) -> list[Outcome]:
+        """Move the bytes; returns per block whether its destination copy is complete and valid."""
+        pools = self.hierarchy.pools
+        n = len(blocks)
+        if src is Tier.DDR and dst is Tier.DISK:
+            ddr = pools[Tier.DDR]
+            return await self._disk_write(blocks, dst_slots, [ddr.view(s) for s in src_slots])
+        if src is Tier.DISK and dst is Tier.DDR:
+            ddr = pools[Tier.DDR]
+            return await self._disk_read(src_slots, [ddr.view(s) for s in dst_slots])
+        if src is Tier.HBM and dst is Tier.DDR:
+            await self._device_copy(True, src_slots, self._host_pieces(dst_slots), after)
+            return [Outcome.OK] * n
+        if src is Tier.DDR and dst is Tier.HBM:
+            await self._device_copy(False, dst_slots, self._host_pieces(src_slots), after)
+            return [Outcome.OK] * n
+        if src is Tier.HBM and dst is Tier.DISK:
+            return await self._hbm_disk(True, blocks, src_slots, dst_slots, after)
+        if src is Tier.DISK and dst is Tier.HBM:
+            return await self._hbm_disk(False, blocks, dst_slots, src_slots, after)
+        raise ValueError(f"no path from {src.name} to {dst.name}")
+
+    # ------------------------------------------------------------------ disk
+
+    async def _disk_write(
+        self, blocks: list[Residency], slots: list[Slot], payloads: list[torch.Tensor]
+    ) -> list[Outcome]:
+        """One batched, all-or-nothing write (one durability barrier); a cancelled write publishes nothing."""
+        disk: DiskPool = self.hierarchy.pools[Tier.DISK]
+        items = []
+        for r, slot, payload in zip(blocks, slots, payloads, strict=True):
+            if r.node is None:
+                raise ValueError("a block must be indexed before it is written to disk")
+            key = disk_key(r.node.key, r.node.check)
+            items.append(BlockWrite(r.node.namespace, key, disk.location(slot), payload))
+        try:
+            records = await disk.store.write_many(items)
+        except DiskWriteError as exc:
+            log.warning("disk write of %d blocks failed, none stored: %s", len(items), exc)
+            return [Outcome.FAILED] * len(items)
+        for slot, record in zip(slots, records, strict=True):
+            slot.record = record
+        return [Outcome.OK] * len(items)
+
+    async def _disk_read(self, slots: list[Slot], outs: list[torch.Tensor]) -> list[Outcome]:
+        """One batched read; every block is verified by the store, and a block that fails is a miss."""
+        disk: DiskPool = self.hierarchy.pools[Tier.DISK]
+        got = await disk.store.read_many([s.record for s in slots], outs)
+        return [Outcome.OK if ok else Outcome.MISS for ok in got]
+
+    # ------------------------------------------------------------------ device
+
+    def _host_pieces(self, slots: list[Slot]) -> list[tuple[int, torch.Tensor]]:
+        """``(first block index, host tensor)`` per run of adjacent DDR slots."""
+        ddr: DDRPool = self.hierarchy.pools[Tier.DDR]
+        return [(i, ddr.run_view(slots[i], sum(s.nbytes for s in slots[i : i + m]))) for i, m in _runs(slots)]
+
+    def _cuda(self) -> dict[str, Any]:
+        """Streams and the double device staging buffer, created once on first use."""
+        if self._device is None:
+            hbm: HBMPool = self.hierarchy.pools[Tier.HBM]
+            bb = hbm.layout.block_bytes
+            per = max(1, self.chunk_bytes // bb)
+            self._device = {
+                "copy": CopyStream(hbm.device),
+                "gather": CopyStream(hbm.device),
+                "per_chunk": per,
+                "stage": [torch.empty(per * bb, dtype=torch.uint8, device=hbm.device) for _ in range(2)],
+            }
+        return self._device
+
+    async def _device_copy(
+        self,
+        to_host: bool,
+        hbm_slots: list[Slot],
+        pieces: list[tuple[int, torch.Tensor]],
+        after: Any,
+    ) -> None:
+        """Gather+DMA (to_host) or DMA+scatter between HBM cells and host runs, chunk by chunk."""
+        dev = self._cuda()
+        hbm: HBMPool = self.hierarchy.pools[Tier.HBM]
+        layout = hbm.layout
+        bb, per = layout.block_bytes, dev["per_chunk"]
+        copy, gather = dev["copy"], dev["gather"]
+        n = len(hbm_slots)
+        ids_host = torch.tensor([s.offset for s in hbm_slots], dtype=torch.int64)
+        if torch.cuda.is_available():
+            ids_host = ids_host.pin_memory()
+        with gather.use():
+            ids = ids_host.to(hbm.device, non_blocking=True)
+        # Host pieces split at chunk boundaries: (chunk, byte offset in the chunk, host tensor).
+        plan: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(-(-n // per))]
+        for first, host in pieces:
+            count = host.numel() // bb
+            i = first
+            while i < first + count:
+                c = i // per
+                take = min(first + count, (c + 1) * per) - i
+                plan[c].append(((i - c * per) * bb, host[(i - first) * bb : (i - first + take) * bb]))
+                i += take
+        free = [None, None]
+        final = None
+        for c, chunk_pieces in enumerate(plan):
+            k = min(per, n - c * per)
+            buf = dev["stage"][c % 2][: k * bb]
+            blocks3 = buf.view(k, layout.num_layers, layout.layer_block_bytes)
+            chunk_ids = ids[c * per : c * per + k]
+            if to_host:
+                with gather.use():
+                    gather.wait(after)
+                    gather.wait(free[c % 2])
+                    hbm.gather(chunk_ids, blocks3)
+                    ready = gather.record()
+                copy.wait(ready)
+                for off, host in chunk_pieces:
+                    final = copy.copy(host, buf[off : off + host.numel()])
+                free[c % 2] = final
+            else:
+                copy.wait(free[c % 2])
+                for off, host in chunk_pieces:
+                    landed = copy.copy(buf[off : off + host.numel()], host)
+                with gather.use():
+                    gather.wait(after)
+                    gather.wait(landed)
+                    hbm.scatter(chunk_ids, blocks3)
+                    final = free[c % 2] = gather.record()
+        try:
+            await wait_event(final)
+        except asyncio.CancelledError:
+            # The DMA cannot be recalled: wait for this one event (not the device) before slots are released.
+            final.synchronize()
+            raise
+        del ids_host
+
+    async def _hbm_disk(
+        self, to_disk: bool, blocks: list[Residency], hbm_slots: list[Slot], disk_slots: list[Slot], after: Any
+    ) -> list[Outcome]:
+        """HBM <-> disk through pinned staging buffers, one staging buffer of blocks at a time."""
+        staging = self._staging_pool()
+        bb = self.hierarchy.pools[Tier.HBM].layout.block_bytes
+        per = max(1, staging.buffer_bytes // bb)
+        ok: list[Outcome] = []
+        for start in range(0, len(blocks), per):
+            part = slice(start, min(len(blocks), start + per))
+            k = part.stop - part.start
+            async with staging.lease() as buf:
+                views = [buf[j * bb : (j + 1) * bb] for j in range(k)]
+                if to_disk:
+                    await self._device_copy(True, hbm_slots[part], [(0, buf[: k * bb])], after)
+                    ok += await self._disk_write(blocks[part], disk_slots[part], views)
+                else:
+                    got = await self._disk_read(disk_slots[part], views)
+                    # Blocks that missed are not copied up; the rest go in one batch.
+                    keep = [j for j in range(k) if got[j] is Outcome.OK]
+                    if keep:
+                        hbm_part = [hbm_slots[part][j] for j in keep]
+                        pieces = [(i, buf[j * bb : (j + 1) * bb]) for i, j in enumerate(keep)]
+                        await self._device_copy(False, hbm_part, pieces, after)
+                    ok += got
+        return ok
+
+    def _staging_pool(self) -> StagingPool:
+        if self._staging is None:
+            bb = self.hierarchy.pools[Tier.HBM].layout.block_bytes
+            per = max(1, self.chunk_bytes // bb)
+            self._staging = StagingPool(per * bb, 2)
+        return self._staging
