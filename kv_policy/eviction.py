@@ -1,0 +1,467 @@
+"""Eviction policies: which cached blocks of one tier to give up when room is needed.
+
+Every policy keeps the same bookkeeping (``BlockInfo`` per block: parent, size, depth, saved compute, pins,
+cached children) in the base class and only decides the *order* of victims, so they are interchangeable by
+name at runtime (``make_eviction_policy``). The caller (a tier in ``kv_runtime``, or the trace replay) says what
+happened — ``insert``, ``access``, ``remove``, ``pin``/``unpin`` — and asks ``victims`` when it needs room.
+
+Block ids are opaque hashables: the runtime passes 16-byte keys, the trace replay passes ints.
+
+NOTE: a pinned block (in flight, or held by a named shared context) is never returned by ``victims``. Policies
+keep pinned blocks in their queues and step over them when they reach the eviction end (moving them to the
+protected end, as an access would), so that a pin costs O(1) and a victim search stays amortised O(1): each
+pinned block is stepped over at most once per pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+
+from kv_policy.lifetime import LifetimePredictor
+
+BlockId = Hashable
+
+
+@dataclass(slots=True)
+class BlockInfo:
+    """What a policy knows about one cached block; shared by all policies."""
+
+    parent: BlockId | None
+    size_bytes: int
+    depth: int
+    saved_flops: float
+    inserted_at: float
+    last_access: float
+    accesses: int = 1
+    pins: int = 0
+    children: int = 0
+    context: Hashable | None = None
+
+
+class EvictionPolicy(ABC):
+    """One interface for every policy: report events, ask for victims.
+
+    Contracts:
+    - ``victims`` returns only unpinned cached blocks, forgets them, and returns them in eviction order; it
+      returns fewer than asked (possibly none) when no more blocks are evictable.
+    - A prefix-aware policy (``prefix_aware = True``) never returns a block that still has a cached child, so it
+      never orphans a subtree: a block's KV is useless once its parent's is gone.
+    - ``insert`` of a cached block and events on unknown blocks are errors (``ValueError``): they mean the
+      caller's residency and the policy's disagree, which must never pass silently.
+    """
+
+    name: str = ""
+    prefix_aware: bool = False
+
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is not None and capacity <= 0:
+            raise ValueError(f"capacity must be positive blocks, got {capacity}")
+        self.capacity = capacity
+        self._blocks: dict[BlockId, BlockInfo] = {}
+        self.used_bytes = 0
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._blocks
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __iter__(self) -> Iterator[BlockId]:
+        return iter(self._blocks)
+
+    def info(self, block_id: BlockId) -> BlockInfo:
+        try:
+            return self._blocks[block_id]
+        except KeyError:
+            raise ValueError(f"block {block_id!r} is not cached under policy {self.name}") from None
+
+    def evictable(self, block_id: BlockId) -> bool:
+        """Whether ``block_id`` may be chosen now: cached, unpinned, and (prefix-aware) without cached children."""
+        info = self._blocks.get(block_id)
+        if info is None or info.pins:
+            return False
+        return not (self.prefix_aware and info.children)
+
+    # -- events --------------------------------------------------------------------------------------------------
+    def insert(
+        self,
+        block_id: BlockId,
+        *,
+        parent: BlockId | None = None,
+        size_bytes: int = 1,
+        depth: int = 0,
+        now: float = 0.0,
+        saved_flops: float = 0.0,
+        context: Hashable | None = None,
+    ) -> None:
+        """A block was stored in this tier. ``parent`` is the previous block of its prefix (None for a root)."""
+        if block_id in self._blocks:
+            raise ValueError(f"block {block_id!r} is already cached under policy {self.name}")
+        if size_bytes <= 0 or depth < 0:
+            raise ValueError(f"size_bytes must be > 0 and depth >= 0, got {size_bytes}, {depth}")
+        info = BlockInfo(parent, size_bytes, depth, saved_flops, now, now, context=context)
+        self._blocks[block_id] = info
+        self.used_bytes += size_bytes
+        parent_info = self._blocks.get(parent) if parent is not None else None
+        if parent_info is not None:
+            parent_info.children += 1
+        self._on_insert(block_id, info)
+
+    def access(self, block_id: BlockId, now: float) -> None:
+        """A cached block was used (a hit, or re-stored by a later request)."""
+        info = self.info(block_id)
+        info.accesses += 1
+        info.last_access = now
+        self._on_access(block_id, info)
+
+    def remove(self, block_id: BlockId) -> None:
+        """The block left this tier for a reason of the caller's (corruption, explicit drop, invalidation)."""
+        info = self.info(block_id)
+        self._forget(block_id, info)
+
+    def pin(self, block_id: BlockId) -> None:
+        """Hold the block (pins count): it is never a victim until as many ``unpin`` calls."""
+        self.info(block_id).pins += 1
+
+    def unpin(self, block_id: BlockId) -> None:
+        info = self.info(block_id)
+        if info.pins == 0:
+            raise ValueError(f"block {block_id!r} is not pinned")
+        info.pins -= 1
+        if info.pins == 0:
+            self._on_unpin(block_id, info)
+
+    def victims(self, count: int = 1, *, need_bytes: int = 0) -> list[BlockId]:
+        """Choose, forget and return up to ``count`` blocks, or as many as free ``need_bytes`` if that is more."""
+        out: list[BlockId] = []
+        freed = 0
+        while len(out) < count or freed < need_bytes:
+            popped = self.pop_victim()
+            if popped is None:
+                break
+            freed += popped[1].size_bytes
+            out.append(popped[0])
+        return out
+
+    def pop_victim(self) -> tuple[BlockId, BlockInfo] | None:
+        """Choose and forget one victim, returning what the policy knew of it (a demotion decision needs it)."""
+        victim = self._pick()
+        if victim is None:
+            return None
+        info = self._blocks[victim]
+        self._forget(victim, info)
+        return victim, info
+
+    # -- shared mechanics ------------------------------------------------------------------------------------
+    def _forget(self, block_id: BlockId, info: BlockInfo) -> None:
+        del self._blocks[block_id]
+        self.used_bytes -= info.size_bytes
+        self._on_remove(block_id, info)
+        parent_info = self._blocks.get(info.parent) if info.parent is not None else None
+        if parent_info is not None:
+            parent_info.children -= 1
+            if parent_info.children == 0:
+                self._on_leaf(info.parent, parent_info)
+
+    # -- what a policy decides -----------------------------------------------------------------------------
+    @abstractmethod
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None: ...
+
+    @abstractmethod
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None: ...
+
+    @abstractmethod
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None: ...
+
+    @abstractmethod
+    def _pick(self) -> BlockId | None:
+        """One evictable block, still cached (the base class forgets it), or None when there is none."""
+
+    def _on_unpin(self, block_id: BlockId, info: BlockInfo) -> None:
+        """A block became unpinned; queue-based policies need nothing (they step over pins)."""
+
+    def _on_leaf(self, block_id: BlockId, info: BlockInfo) -> None:
+        """A block lost its last cached child; only prefix-aware policies care."""
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used: an ordered dict is the candidate queue (O(1) touch and pop)."""
+
+    name = "lru"
+
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__(capacity)
+        self._order: OrderedDict[BlockId, None] = OrderedDict()
+
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._order[block_id] = None
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._order.move_to_end(block_id)
+
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None:
+        del self._order[block_id]
+
+    def _pick(self) -> BlockId | None:
+        for _ in range(len(self._order)):
+            block_id = next(iter(self._order))
+            if not self._blocks[block_id].pins:
+                return block_id
+            self._order.move_to_end(block_id)  # in use: as recent as anything
+        return None
+
+
+class _HeapPolicy(EvictionPolicy):
+    """Base for policies that order victims by a priority key (smallest evicted first).
+
+    A heap with lazy deletion: every change pushes a fresh entry stamped with the block's version, and stale
+    entries are dropped when they surface. Blocks that are not evictable when they surface (pinned, or with
+    cached children under a prefix-aware policy) are parked and pushed again by ``_on_unpin`` / ``_on_leaf``.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__(capacity)
+        self._heap: list[tuple] = []
+        self._version: dict[BlockId, int] = {}
+        self._stamp = itertools.count()
+
+    @abstractmethod
+    def _key(self, block_id: BlockId, info: BlockInfo) -> tuple: ...
+
+    def _push(self, block_id: BlockId, info: BlockInfo) -> None:
+        version = next(self._stamp)
+        self._version[block_id] = version
+        heapq.heappush(self._heap, (*self._key(block_id, info), version, block_id))
+
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._push(block_id, info)
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._push(block_id, info)
+
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None:
+        del self._version[block_id]
+
+    def _on_unpin(self, block_id: BlockId, info: BlockInfo) -> None:
+        if self.evictable(block_id):
+            self._push(block_id, info)
+
+    def _on_leaf(self, block_id: BlockId, info: BlockInfo) -> None:
+        if self.evictable(block_id):
+            self._push(block_id, info)
+
+    def _pick(self) -> BlockId | None:
+        heap = self._heap
+        while heap:
+            entry = heapq.heappop(heap)
+            block_id, version = entry[-1], entry[-2]
+            if self._version.get(block_id) != version:
+                continue  # stale
+            if self.evictable(block_id):
+                return block_id
+            # parked: unpin / losing the last child pushes it again
+        return None
+
+
+class LFUPolicy(_HeapPolicy):
+    """Least frequently used, ties broken by least recent; no ageing (the classic baseline)."""
+
+    name = "lfu"
+
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__(capacity)
+        self._clock = itertools.count()
+
+    def _key(self, block_id: BlockId, info: BlockInfo) -> tuple:
+        return (info.accesses, next(self._clock))
+
+
+class ARCPolicy(EvictionPolicy):
+    """Adaptive Replacement Cache (Megiddo and Modha): recency list T1, frequency list T2, ghosts B1/B2.
+
+    NOTE: classic ARC sees the missing block before it replaces; here the caller asks for victims before it
+    inserts, so the target ``p`` adapts when the ghost-hit block is inserted and steers the next replacement
+    (one step later than the paper). ``capacity`` (blocks) sizes the ghost lists and bounds ``p``; without it,
+    the number of cached blocks at each decision stands in.
+    """
+
+    name = "arc"
+
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__(capacity)
+        self._t1: OrderedDict[BlockId, None] = OrderedDict()
+        self._t2: OrderedDict[BlockId, None] = OrderedDict()
+        self._b1: OrderedDict[BlockId, None] = OrderedDict()
+        self._b2: OrderedDict[BlockId, None] = OrderedDict()
+        self._p = 0.0
+
+    def _c(self) -> int:
+        return self.capacity or max(1, len(self._blocks))
+
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        c = self._c()
+        if block_id in self._b1:
+            self._p = min(float(c), self._p + max(1.0, len(self._b2) / max(1, len(self._b1))))
+            del self._b1[block_id]
+            self._t2[block_id] = None
+        elif block_id in self._b2:
+            self._p = max(0.0, self._p - max(1.0, len(self._b1) / max(1, len(self._b2))))
+            del self._b2[block_id]
+            self._t2[block_id] = None
+        else:
+            self._t1[block_id] = None
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        if block_id in self._t1:
+            del self._t1[block_id]
+        self._t2[block_id] = None
+        self._t2.move_to_end(block_id)
+
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None:
+        if block_id in self._t1:
+            del self._t1[block_id]
+            self._b1[block_id] = None
+        else:
+            del self._t2[block_id]
+            self._b2[block_id] = None
+        c = self._c()
+        while self._b1 and len(self._t1) + len(self._b1) > c:
+            self._b1.popitem(last=False)
+        while self._b2 and len(self._t1) + len(self._t2) + len(self._b1) + len(self._b2) > 2 * c:
+            self._b2.popitem(last=False)
+
+    def _pick_from(self, queue: OrderedDict[BlockId, None]) -> BlockId | None:
+        for _ in range(len(queue)):
+            block_id = next(iter(queue))
+            if not self._blocks[block_id].pins:
+                return block_id
+            queue.move_to_end(block_id)
+        return None
+
+    def _pick(self) -> BlockId | None:
+        first, second = (self._t1, self._t2) if self._t1 and len(self._t1) > self._p else (self._t2, self._t1)
+        return self._pick_from(first) or self._pick_from(second)
+
+
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO with lazy promotion, a ghost FIFO.
+
+    New blocks enter the small queue (10% of capacity) unless the ghost remembers them; a block used again while
+    in the small queue moves to main when it reaches the head, otherwise it is evicted into the ghost. Main
+    reinserts a block that was used since its last pass (frequency capped at 3, decremented per pass).
+    """
+
+    name = "s3-fifo"
+
+    def __init__(self, capacity: int | None = None, small_fraction: float = 0.1) -> None:
+        super().__init__(capacity)
+        if not 0.0 < small_fraction < 1.0:
+            raise ValueError(f"small_fraction must be in (0, 1), got {small_fraction}")
+        self.small_fraction = small_fraction
+        self._small: OrderedDict[BlockId, None] = OrderedDict()
+        self._main: OrderedDict[BlockId, None] = OrderedDict()
+        self._ghost: OrderedDict[BlockId, None] = OrderedDict()
+        self._freq: dict[BlockId, int] = {}
+
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._freq[block_id] = 0
+        if block_id in self._ghost:
+            del self._ghost[block_id]
+            self._main[block_id] = None
+        else:
+            self._small[block_id] = None
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._freq[block_id] = min(3, self._freq[block_id] + 1)
+
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None:
+        del self._freq[block_id]
+        if block_id in self._small:
+            del self._small[block_id]
+            self._ghost[block_id] = None
+            limit = self.capacity or max(1, len(self._blocks))
+            while len(self._ghost) > limit:
+                self._ghost.popitem(last=False)
+        else:
+            del self._main[block_id]
+
+    def _pick(self) -> BlockId | None:
+        capacity = self.capacity or max(1, len(self._blocks))
+        # Each block is stepped over at most a few times (frequency <= 3), so this loop is amortised O(1).
+        budget = 4 * (len(self._small) + len(self._main)) + 1
+        while budget > 0:
+            budget -= 1
+            if self._small and (len(self._small) >= self.small_fraction * capacity or not self._main):
+                block_id = next(iter(self._small))
+                if self._blocks[block_id].pins or self._freq[block_id] > 0:  # in use counts as used
+                    del self._small[block_id]
+                    self._freq[block_id] = 0
+                    self._main[block_id] = None
+                else:
+                    return block_id
+            elif self._main:
+                block_id = next(iter(self._main))
+                if self._blocks[block_id].pins:
+                    self._main.move_to_end(block_id)
+                elif self._freq[block_id] > 0:
+                    self._freq[block_id] -= 1
+                    self._main.move_to_end(block_id)
+                else:
+                    return block_id
+            else:
+                return None
+        return None
+
+
+class KvtierPrefixPolicy(_HeapPolicy):
+    """A policy for prefix KV: leaves first, one-off blocks before shared ones, history beyond residency.
+
+    What it uses that a generic cache cannot:
+    - prefix structure: only blocks without cached children are candidates (``prefix_aware``), so a subtree is
+      never orphaned and the trunk shared by many prompts outlives its branches;
+    - reuse history that survives eviction (a ``LifetimePredictor``, keyed by ``context`` or the block id): a
+      prompt seen before comes back as a shared block, not as a stranger — most blocks seen once are one-off
+      prompt tails, most seen twice are shared prefixes;
+    - tokens per block: a block shorter than the longest seen is where a prompt ended inside it; only an exact
+      repeat can reuse it, so it goes first within its class;
+    - recency within a class, deepest first on ties (a request's own blocks share one time).
+
+    Victim order (smallest first): (reuse class, partial before full, last use, deeper first). The reuse class
+    is ``min(uses, max_class)`` from the predictor, counting uses before the block was last evicted.
+    """
+
+    name = "kvtier-prefix"
+    prefix_aware = True
+
+    def __init__(
+        self, capacity: int | None = None, *, predictor: LifetimePredictor | None = None, max_class: int = 2
+    ) -> None:
+        super().__init__(capacity)
+        if max_class < 1:
+            raise ValueError("max_class must be >= 1")
+        self.predictor = predictor if predictor is not None else LifetimePredictor()
+        self.max_class = max_class
+        self._full_bytes = 0
+
+    def _history_key(self, block_id: BlockId, info: BlockInfo) -> Hashable:
+        return block_id if info.context is None else (info.context, block_id)
+
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._full_bytes = max(self._full_bytes, info.size_bytes)
+        self.predictor.observe(self._history_key(block_id, info), info.last_access)
+        super()._on_insert(block_id, info)
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        self.predictor.observe(self._history_key(block_id, info), info.last_access)
+        super()._on_access(block_id, info)
+
+    def _key(self, block_id: BlockId, info: BlockInfo) -> tuple:
+        uses = self.predictor.uses(self._history_key(block_id, info))
+        return (min(uses, self.max_class), info.size_bytes >= self._full_bytes, info.last_access, -info.depth)
