@@ -174,6 +174,7 @@ class KVMigrator:
                 "GBps": v.gbps,
                 "plans": v.plans,
                 "misses": v.misses,
+                "failures": v.failures,
                 "cancelled": v.cancelled,
             }
             for k, v in self.stats.items()
