@@ -405,7 +405,9 @@ class DiskStore:
                 db.executemany(sql, rows)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may already have rolled back on its own (e.g. after a failed write of the WAL).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     # -- queries -------------------------------------------------------------------------------------------------

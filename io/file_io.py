@@ -248,7 +248,10 @@ class PosixFileIO(FileIO):
         if self._closed:
             raise RuntimeError("FileIO is closed")
         loop = asyncio.get_running_loop()
-        h = await loop.run_in_executor(self._pool, lambda: self._handle(path, create=write))
+        with self._lock:
+            h = self._handles.get(str(path))
+        if h is None:
+            h = await loop.run_in_executor(self._pool, lambda: self._handle(path, create=write))
         view = _host_view(t)
         op: Callable[[int, memoryview, int], int] = _pwrite_full if write else _pread_full
         results, cancelled = await settle(
