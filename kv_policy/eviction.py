@@ -64,6 +64,7 @@ class EvictionPolicy(ABC):
             raise ValueError(f"capacity must be positive blocks, got {capacity}")
         self.capacity = capacity
         self._blocks: dict[BlockId, BlockInfo] = {}
+        self._orphans: dict[BlockId, int] = {}  # absent block -> its cached children (they wait for it)
         self.used_bytes = 0
 
     # -- queries -------------------------------------------------------------------------------------------------
@@ -106,12 +107,17 @@ class EvictionPolicy(ABC):
             raise ValueError(f"block {block_id!r} is already cached under policy {self.name}")
         if size_bytes <= 0 or depth < 0:
             raise ValueError(f"size_bytes must be > 0 and depth >= 0, got {size_bytes}, {depth}")
-        info = BlockInfo(parent, size_bytes, depth, saved_flops, now, now, context=context)
+        # Children stored before their parent (a demotion can bring a subtree down leaves first) count too.
+        info = BlockInfo(parent, size_bytes, depth, saved_flops, now, now, children=self._orphans.pop(block_id, 0))
+        info.context = context
         self._blocks[block_id] = info
         self.used_bytes += size_bytes
-        parent_info = self._blocks.get(parent) if parent is not None else None
-        if parent_info is not None:
-            parent_info.children += 1
+        if parent is not None:
+            parent_info = self._blocks.get(parent)
+            if parent_info is not None:
+                parent_info.children += 1
+            else:
+                self._orphans[parent] = self._orphans.get(parent, 0) + 1
         self._on_insert(block_id, info)
 
     def access(self, block_id: BlockId, now: float) -> None:
@@ -164,11 +170,21 @@ class EvictionPolicy(ABC):
         del self._blocks[block_id]
         self.used_bytes -= info.size_bytes
         self._on_remove(block_id, info)
-        parent_info = self._blocks.get(info.parent) if info.parent is not None else None
+        if info.children:
+            self._orphans[block_id] = info.children
+        if info.parent is None:
+            return
+        parent_info = self._blocks.get(info.parent)
         if parent_info is not None:
             parent_info.children -= 1
             if parent_info.children == 0:
                 self._on_leaf(info.parent, parent_info)
+        else:
+            left = self._orphans[info.parent] - 1
+            if left:
+                self._orphans[info.parent] = left
+            else:
+                del self._orphans[info.parent]
 
     # -- what a policy decides -----------------------------------------------------------------------------
     @abstractmethod
@@ -421,33 +437,33 @@ class S3FIFOPolicy(EvictionPolicy):
 
 
 class KvtierPrefixPolicy(_HeapPolicy):
-    """A policy for prefix KV: leaves first, one-off blocks before shared ones, history beyond residency.
+    """A policy for prefix KV: leaves first, recency credited by learned reuse, history beyond residency.
 
     What it uses that a generic cache cannot:
     - prefix structure: only blocks without cached children are candidates (``prefix_aware``), so a subtree is
-      never orphaned and the trunk shared by many prompts outlives its branches;
-    - reuse history that survives eviction (a ``LifetimePredictor``, keyed by ``context`` or the block id): a
-      prompt seen before comes back as a shared block, not as a stranger — most blocks seen once are one-off
-      prompt tails, most seen twice are shared prefixes;
-    - tokens per block: a block shorter than the longest seen is where a prompt ended inside it; only an exact
-      repeat can reuse it, so it goes first within its class;
-    - recency within a class, deepest first on ties (a request's own blocks share one time).
-
-    Victim order (smallest first): (reuse class, partial before full, last use, deeper first). The reuse class
-    is ``min(uses, max_class)`` from the predictor, counting uses before the block was last evicted.
+      never orphaned and the trunk shared by many prompts outlives its branches; a request's own blocks share
+      one time, and the deepest goes first;
+    - reuse history that survives eviction (a ``LifetimePredictor`` keyed by ``context`` and block id): a prompt
+      seen before comes back as a shared block, not as a stranger;
+    - the learned ``P(reused | uses so far)`` and the typical gap before a reuse: a block's priority is its last
+      use plus ``mix x typical gap x P(reuse)``, a credit in time (GreedyDual style: static until the next
+      event, so the heap needs no rescans). One-off tails lose their credit where the trace shows they are
+      one-off, and keep it where, as in multi-turn chat, new blocks come back with the next turn;
+    - tokens per block: a block shorter than the longest seen is where a prompt ended inside it (only an exact
+      repeat reuses it), so its credit shrinks with the tokens it holds.
     """
 
     name = "kvtier-prefix"
     prefix_aware = True
 
     def __init__(
-        self, capacity: int | None = None, *, predictor: LifetimePredictor | None = None, max_class: int = 2
+        self, capacity: int | None = None, *, predictor: LifetimePredictor | None = None, mix: float = 16.0
     ) -> None:
         super().__init__(capacity)
-        if max_class < 1:
-            raise ValueError("max_class must be >= 1")
+        if mix < 0:
+            raise ValueError("mix must be >= 0")
         self.predictor = predictor if predictor is not None else LifetimePredictor()
-        self.max_class = max_class
+        self.mix = mix
         self._full_bytes = 0
 
     def _history_key(self, block_id: BlockId, info: BlockInfo) -> Hashable:
@@ -463,5 +479,44 @@ class KvtierPrefixPolicy(_HeapPolicy):
         super()._on_access(block_id, info)
 
     def _key(self, block_id: BlockId, info: BlockInfo) -> tuple:
+        key = self._history_key(block_id, info)
+        credit = self.mix * self.predictor.typical_first_gap() * self.predictor.reuse_probability(key)
+        if info.size_bytes < self._full_bytes:
+            credit *= info.size_bytes / self._full_bytes
+        return (info.last_access + credit, -info.depth)
+
+
+class KvtierClassPolicy(KvtierPrefixPolicy):
+    """The strict variant: every block used once (in its whole remembered history) goes before any used twice.
+
+    Victim order: (min(uses, max_class), partial before full, last use, deeper first). Strongest where one-off
+    prompts dominate; weak on multi-turn traces, where fresh blocks return with the next turn.
+    """
+
+    name = "kvtier-class"
+
+    def __init__(
+        self, capacity: int | None = None, *, predictor: LifetimePredictor | None = None, max_class: int = 2
+    ) -> None:
+        super().__init__(capacity, predictor=predictor)
+        if max_class < 1:
+            raise ValueError("max_class must be >= 1")
+        self.max_class = max_class
+
+    def _key(self, block_id: BlockId, info: BlockInfo) -> tuple:
         uses = self.predictor.uses(self._history_key(block_id, info))
         return (min(uses, self.max_class), info.size_bytes >= self._full_bytes, info.last_access, -info.depth)
+
+
+EVICTION_POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, S3FIFOPolicy, KvtierPrefixPolicy, KvtierClassPolicy)
+}
+
+
+def make_eviction_policy(name: str, **kwargs: object) -> EvictionPolicy:
+    """A fresh policy by registered name (hot swap: the caller replays its cached blocks into it)."""
+    try:
+        factory = EVICTION_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(EVICTION_POLICIES)}") from None
+    return factory(**kwargs)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kv_policy.cost_benefit import ModelShape
-from kv_policy.eviction import EvictionPolicy
+from kv_policy.eviction import BlockInfo, EvictionPolicy
+from kv_policy.migration import MigrationPolicy
 from kv_policy.trace import TraceRequest
 
 
@@ -160,4 +161,155 @@ def replay(
         for h in held:
             policy.unpin(h)
     res.bytes_moved = {"into_tier": res.bytes_written, "out_of_tier": res.hit_bytes}
+    return res
+
+
+def replay_unbounded(trace: PreparedTrace) -> ReplayResult:
+    """Nothing is ever evicted: the hit ratio no capacity can exceed."""
+    res = ReplayResult("unbounded", None, None, total_blocks=trace.total_blocks, total_flops=trace.total_flops)
+    seen: set[int] = set()
+    for ids, sizes, flops in zip(trace.ids, trace.block_bytes, trace.block_flops, strict=True):
+        k = _prefix_hits(ids, seen.__contains__)
+        res.hit_blocks += k
+        res.hit_bytes += sum(sizes[:k])
+        res.saved_flops += sum(flops[:k])
+        for h, size in zip(ids[k:], sizes[k:], strict=True):
+            if h not in seen:
+                seen.add(h)
+                res.bytes_written += size
+    res.bytes_moved = {"into_tier": res.bytes_written, "out_of_tier": res.hit_bytes}
+    return res
+
+
+def replay_belady(
+    trace: PreparedTrace, *, capacity_blocks: int | None = None, capacity_bytes: int | None = None
+) -> ReplayResult:
+    """Belady's offline optimum: on a miss, evict the cached block whose next use is farthest in the future.
+
+    With a byte capacity, blocks are evicted farthest-first until the new one fits (the classic rule; with
+    unequal sizes it is a strong limit, not a proven optimum).
+    """
+    if (capacity_blocks is None) == (capacity_bytes is None):
+        raise ValueError("give exactly one of capacity_blocks and capacity_bytes")
+    never = 1 << 62
+    flat = [h for ids in trace.ids for h in ids]
+    next_use = [never] * len(flat)
+    last: dict[int, int] = {}
+    for i in range(len(flat) - 1, -1, -1):
+        next_use[i] = last.get(flat[i], never)
+        last[flat[i]] = i
+    res = ReplayResult("belady", capacity_blocks, capacity_bytes, total_blocks=trace.total_blocks)
+    res.total_flops = trace.total_flops
+    cached: dict[int, tuple[int, int]] = {}  # block -> (its next use, its bytes)
+    heap: list[tuple[int, int]] = []  # (-next use, block), lazily deleted
+    used = 0
+    i = 0
+    for ids, sizes, flops in zip(trace.ids, trace.block_bytes, trace.block_flops, strict=True):
+        k = _prefix_hits(ids, cached.__contains__)
+        res.hit_blocks += k
+        res.hit_bytes += sum(sizes[:k])
+        res.saved_flops += sum(flops[:k])
+        for h, size in zip(ids, sizes, strict=True):
+            nu = next_use[i]
+            i += 1
+            if h in cached:
+                used -= cached[h][1]
+            else:
+                res.bytes_written += size
+                while heap and (len(cached) >= capacity_blocks if capacity_blocks else used + size > capacity_bytes):
+                    neg, victim = heapq.heappop(heap)
+                    entry = cached.get(victim)
+                    if entry is not None and entry[0] == -neg:
+                        del cached[victim]
+                        used -= entry[1]
+                        res.bytes_evicted += entry[1]
+            cached[h] = (nu, size)
+            used += size
+            heapq.heappush(heap, (-nu, h))
+    res.bytes_moved = {"into_tier": res.bytes_written, "out_of_tier": res.hit_bytes}
+    return res
+
+
+def replay_two_tier(
+    trace: PreparedTrace,
+    fast: EvictionPolicy,
+    slow: EvictionPolicy,
+    migration: MigrationPolicy,
+    *,
+    fast_capacity_blocks: int,
+    slow_capacity_blocks: int,
+) -> ReplayResult:
+    """DDR (``fast``) over disk (``slow``): a prefix block hits DDR, else disk (then it is promoted), else misses.
+
+    Every block of a request ends up in DDR, as in one tier; ``migration`` decides which blocks are written to
+    disk at store time or on a later use, and which evicted ones are demoted rather than dropped. Reported:
+    hits per tier and bytes moved per direction (disk reads are promotions; DDR reads are hits served).
+    """
+    if fast_capacity_blocks <= 0 or slow_capacity_blocks <= 0:
+        raise ValueError("capacities must be positive")
+    res = ReplayResult(fast.name, fast_capacity_blocks, None, total_blocks=trace.total_blocks)
+    res.total_flops = trace.total_flops
+    moved = {"ddr_to_disk": 0, "disk_to_ddr": 0, "ddr_to_engine": 0}
+    hits = {"ddr": 0, "disk": 0}
+
+    def write_down(h: int, info: BlockInfo) -> None:
+        if h in slow:
+            return
+        while len(slow) >= slow_capacity_blocks:
+            if slow.pop_victim() is None:
+                return
+        slow.insert(h, parent=info.parent, size_bytes=info.size_bytes, depth=info.depth, now=info.last_access)
+        moved["ddr_to_disk"] += info.size_bytes
+
+    for ids, now, sizes, flops in zip(trace.ids, trace.times, trace.block_bytes, trace.block_flops, strict=True):
+        k = 0
+        for h in ids:
+            if h in fast:
+                hits["ddr"] += 1
+            elif h in slow:
+                hits["disk"] += 1
+            else:
+                break
+            k += 1
+        res.hit_blocks += k
+        res.hit_bytes += sum(sizes[:k])
+        res.saved_flops += sum(flops[:k])
+        held: list[int] = []
+        parent = None
+        for j, h in enumerate(ids):
+            size = sizes[j]
+            if h in slow:
+                slow.access(h, now)
+            if h in fast:
+                fast.access(h, now)
+                if j < k:
+                    moved["ddr_to_engine"] += size
+                if migration.on_access(fast.info(h), in_next_tier=h in slow).write:
+                    write_down(h, fast.info(h))
+            else:
+                while len(fast) >= fast_capacity_blocks:
+                    popped = fast.pop_victim()
+                    if popped is None:
+                        break
+                    victim, info = popped
+                    if migration.on_evict(victim, info, in_next_tier=victim in slow).action == "demote":
+                        write_down(victim, info)
+                if len(fast) >= fast_capacity_blocks:
+                    break
+                from_disk = h in slow and j < k
+                fast.insert(h, parent=parent, size_bytes=size, depth=j, now=now, saved_flops=flops[j])
+                if from_disk:
+                    moved["disk_to_ddr"] += size
+                    moved["ddr_to_engine"] += size
+                else:
+                    res.bytes_written += size
+                    if migration.on_store(fast.info(h)).write:
+                        write_down(h, fast.info(h))
+            fast.pin(h)
+            held.append(h)
+            parent = h
+        for h in held:
+            fast.unpin(h)
+    res.tier_hits = hits
+    res.bytes_moved = moved
     return res
