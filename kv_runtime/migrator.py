@@ -41,6 +41,7 @@ from kv_runtime.pools import DDRPool, DiskPool, HBMPool, Slot, Tier
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+DISK_GROUPS = 4  # concurrent store calls per plan: checksums and commits of one overlap the I/O of others
 
 
 class Outcome(enum.Enum):
@@ -288,28 +289,43 @@ class KVMigrator:
     async def _disk_write(
         self, blocks: list[Residency], slots: list[Slot], payloads: list[torch.Tensor]
     ) -> list[Outcome]:
-        """One batched, all-or-nothing write (one durability barrier); a cancelled write publishes nothing."""
+        """Batched writes, durable before published. The batch is split into a few concurrent groups so that
+        one group's checksums and commit overlap another's I/O; each group is all or nothing."""
         disk: DiskPool = self.hierarchy.pools[Tier.DISK]
         items = []
         for r, slot, payload in zip(blocks, slots, payloads, strict=True):
             if r.node is None:
                 raise ValueError("a block must be indexed before it is written to disk")
-            key = disk_key(r.node.key, r.node.check)
-            items.append(BlockWrite(r.node.namespace, key, disk.location(slot), payload))
-        try:
-            records = await disk.store.write_many(items)
-        except DiskWriteError as exc:
-            log.warning("disk write of %d blocks failed, none stored: %s", len(items), exc)
-            return [Outcome.FAILED] * len(items)
-        for slot, record in zip(slots, records, strict=True):
-            slot.record = record
-        return [Outcome.OK] * len(items)
+            items.append(BlockWrite(r.node.namespace, disk_key(r.node.key, r.node.check), disk.location(slot), payload))
+
+        async def group(lo: int, hi: int) -> list[Outcome]:
+            try:
+                records = await disk.store.write_many(items[lo:hi])
+            except DiskWriteError as exc:
+                log.warning("disk write of %d blocks failed, none of them stored: %s", hi - lo, exc)
+                return [Outcome.FAILED] * (hi - lo)
+            for slot, record in zip(slots[lo:hi], records, strict=True):
+                slot.record = record  # set at once: freeing the slot later deletes the record
+            return [Outcome.OK] * (hi - lo)
+
+        return await self._grouped(len(items), group)
 
     async def _disk_read(self, slots: list[Slot], outs: list[torch.Tensor]) -> list[Outcome]:
-        """One batched read; every block is verified by the store, and a block that fails is a miss."""
+        """Batched, verified reads in a few concurrent groups; a block that fails verification is a miss."""
         disk: DiskPool = self.hierarchy.pools[Tier.DISK]
-        got = await disk.store.read_many([s.record for s in slots], outs)
-        return [Outcome.OK if ok else Outcome.MISS for ok in got]
+
+        async def group(lo: int, hi: int) -> list[Outcome]:
+            got = await disk.store.read_many([s.record for s in slots[lo:hi]], outs[lo:hi])
+            return [Outcome.OK if ok else Outcome.MISS for ok in got]
+
+        return await self._grouped(len(slots), group)
+
+    @staticmethod
+    async def _grouped(n: int, group) -> list[Outcome]:
+        # gather() waits for every group even when cancelled: each store call finishes its own I/O first.
+        step = -(-n // min(DISK_GROUPS, n))
+        parts = await asyncio.gather(*(group(lo, min(n, lo + step)) for lo in range(0, n, step)))
+        return [o for part in parts for o in part]
 
     # ------------------------------------------------------------------ device
 
@@ -346,6 +362,10 @@ class KVMigrator:
         bb, per = layout.block_bytes, dev["per_chunk"]
         copy, gather = dev["copy"], dev["gather"]
         n = len(hbm_slots)
+        if after is None:
+            # Without an explicit dependency, order after everything queued so far on the caller's stream
+            # (the engine wrote the blocks there, or reads the cells we overwrite): an event, not a sync.
+            after = torch.cuda.current_stream(hbm.device).record_event()
         ids_host = torch.tensor([s.offset for s in hbm_slots], dtype=torch.int64)
         if torch.cuda.is_available():
             ids_host = ids_host.pin_memory()
@@ -393,7 +413,6 @@ class KVMigrator:
             # The DMA cannot be recalled: wait for this one event (not the device) before slots are released.
             final.synchronize()
             raise
-        del ids_host
 
     async def _hbm_disk(
         self, to_disk: bool, blocks: list[Residency], hbm_slots: list[Slot], disk_slots: list[Slot], after: Any

@@ -417,9 +417,14 @@ class DiskPool(_ExtentPool):
         done = 0
         while True:
             with self._lock:
-                if not self._retiring:
-                    return done
-                slot = self._retiring.pop()
+                slot = self._retiring.pop() if self._retiring else None
+            if slot is None:
+                # A background reaper may still be finishing a delete it took off the list: wait for it.
+                reaper = self._reaper
+                if reaper is not None and not reaper.done() and reaper is not asyncio.current_task():
+                    await asyncio.shield(reaper)
+                    continue
+                return done
             try:
                 await self.store.delete(slot.record)
             except Exception:
