@@ -6,5 +6,6 @@ their (sometimes heavy) dependencies.
 """
 
 BENCHMARKS: dict[str, str] = {
+    "runtime": "kv_benchmarks.runtime",
     "prefix": "kv_benchmarks.prefix",
 }
