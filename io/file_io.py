@@ -357,11 +357,15 @@ class KvikioFileIO(FileIO):
     async def pread(self, path: Path, offset: int, out: torch.Tensor) -> int:
         _check_args(offset, out, allow_cuda=True)
         f = self._file(path, create=False)
+        if not out.numel():
+            return 0
         return await self._await(lambda: f.pread(self._buffer(out), out.numel(), offset))
 
     async def pwrite(self, path: Path, offset: int, data: torch.Tensor) -> int:
         _check_args(offset, data, allow_cuda=True)
         f = self._file(path, create=True)
+        if not data.numel():
+            return 0
         n = await self._await(lambda: f.pwrite(self._buffer(data), data.numel(), offset))
         if n != data.numel():
             raise OSError(errno.EIO, f"short write to {path}: {n} of {data.numel()} bytes")
