@@ -14,7 +14,7 @@ from conftest import NUM_SLABS, SLAB_BYTES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kv_io.align import ALIGN
+from kv_io.align import ALIGN, aligned_empty
 from kv_io.disk_format import HEADER_BYTES, CorruptBlockError, block_capacity
 from kv_io.disk_store import (
     BlockWrite,
@@ -24,7 +24,7 @@ from kv_io.disk_store import (
     DiskWriteError,
     StoreLockedError,
 )
-from kv_io.file_io import PosixFileIO
+from kv_io.file_io import PosixFileIO, probe_direct_io
 
 NS = b"model@1|bf16|bs64"
 
@@ -421,3 +421,23 @@ def test_random_operations_match_a_dict_model(tmp_path_factory: pytest.TempPathF
         await store.close()
 
     asyncio.run(run())
+
+
+async def test_aligned_blocks_bypass_the_page_cache(store_dir: Path) -> None:
+    """Headers fill a page and slots are aligned, so an aligned payload in an aligned buffer (a staging-pool
+    buffer) moves entirely through O_DIRECT where the filesystem supports it."""
+    fio = PosixFileIO(threads=2)
+    store = await open_store(store_dir, file_io=fio)
+    data = aligned_empty(8 * ALIGN)
+    data.copy_(payload(8 * ALIGN, 20))
+    rec = await store.write(NS, b"k", loc(0, 0, data.numel()), data)
+    out = aligned_empty(data.numel())
+    assert await store.read(rec, out) and torch.equal(out, data)
+    stats = fio.stats()
+    if probe_direct_io(store_dir):
+        assert stats["buffered_bytes"] == 0
+        assert stats["direct_bytes"] == 2 * (HEADER_BYTES + data.numel())
+    else:
+        assert stats["direct_fallbacks"] >= 1
+    await store.close()
+    await fio.close()
