@@ -8,4 +8,5 @@ their (sometimes heavy) dependencies.
 BENCHMARKS: dict[str, str] = {
     "runtime": "kv_benchmarks.runtime",
     "prefix": "kv_benchmarks.prefix",
+    "policy": "kv_benchmarks.policy",
 }
