@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per figure (median kept)")
     parser.add_argument("--disk-dir", type=Path, default=None, help="directory for slab files (a real disk)")
     parser.add_argument("--pool-mib", type=int, default=None, help="DDR arena size for the churn")
+    parser.add_argument("--disk-groups", type=int, default=4, help="concurrent store calls per disk migration")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -154,7 +155,7 @@ async def _disk_part(
         if cuda:
             pools[Tier.HBM] = HBMPool(layout, nblocks)
         h = HierarchyManager(pools)
-        mig = KVMigrator(h)
+        mig = KVMigrator(h, disk_groups=args.disk_groups)
         keyer = BlockKeyer(KeyNamespace(model_id="bench-disk", kv_dtype="bfloat16", block_size=layout.block_size))
         gen = torch.Generator().manual_seed(args.seed + 1)
         data = torch.randint(0, 256, (nblocks, bb), dtype=torch.uint8, generator=gen)
@@ -236,6 +237,7 @@ async def _disk_part(
     ref["raw_disk_read_GBps"] = row["raw_read_GBps"]
     ref["raw_disk_write_GBps"] = row["raw_write_GBps"]
     ref["disk_blocks"] = nblocks
+    ref["disk_groups"] = args.disk_groups
     ref["page_cache"] = "bypassed: O_DIRECT on both the reference and the store's file engine"
     notes.append(
         f"disk: store engine {engine} {direct_info}; reference = one synchronous O_DIRECT read / write+fsync "

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 DISK_GROUPS = 4  # concurrent store calls per plan: checksums and commits of one overlap the I/O of others
+STAGING_BUFFERS = 4  # pinned chunks in flight between HBM and disk
 
 
 class Outcome(enum.Enum):
@@ -143,10 +144,14 @@ class KVMigrator:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         staging: StagingPool | None = None,
+        disk_groups: int = DISK_GROUPS,
     ) -> None:
         self.hierarchy = hierarchy
         self.chunk_bytes = chunk_bytes
         self._staging = staging
+        if disk_groups < 1:
+            raise ValueError(f"disk_groups must be >= 1, got {disk_groups}")
+        self.disk_groups = disk_groups
         self._device: dict[str, Any] | None = None
         self.stats: dict[str, DirectionStats] = {}
 
@@ -320,10 +325,9 @@ class KVMigrator:
 
         return await self._grouped(len(slots), group)
 
-    @staticmethod
-    async def _grouped(n: int, group) -> list[Outcome]:
+    async def _grouped(self, n: int, group) -> list[Outcome]:
         # gather() waits for every group even when cancelled: each store call finishes its own I/O first.
-        step = -(-n // min(DISK_GROUPS, n))
+        step = -(-n // min(self.disk_groups, n))
         parts = await asyncio.gather(*(group(lo, min(n, lo + step)) for lo in range(0, n, step)))
         return [o for part in parts for o in part]
 
@@ -345,6 +349,9 @@ class KVMigrator:
                 "gather": CopyStream(hbm.device),
                 "per_chunk": per,
                 "stage": [torch.empty(per * bb, dtype=torch.uint8, device=hbm.device) for _ in range(2)],
+                # Last use of each staging buffer, kept across plans: submissions of concurrent plans
+                # interleave on the same two streams, and these events order their reuse of the buffers.
+                "free": [None, None],
             }
         return self._device
 
@@ -381,7 +388,7 @@ class KVMigrator:
                 take = min(first + count, (c + 1) * per) - i
                 plan[c].append(((i - c * per) * bb, host[(i - first) * bb : (i - first + take) * bb]))
                 i += take
-        free = [None, None]
+        free = dev["free"]
         final = None
         for c, chunk_pieces in enumerate(plan):
             k = min(per, n - c * per)
@@ -417,33 +424,34 @@ class KVMigrator:
     async def _hbm_disk(
         self, to_disk: bool, blocks: list[Residency], hbm_slots: list[Slot], disk_slots: list[Slot], after: Any
     ) -> list[Outcome]:
-        """HBM <-> disk through pinned staging buffers, one staging buffer of blocks at a time."""
+        """HBM <-> disk through pinned staging buffers. Chunks run concurrently, bounded by the staging pool,
+        so the device copy of one chunk overlaps the disk I/O of the next."""
         staging = self._staging_pool()
         bb = self.hierarchy.pools[Tier.HBM].layout.block_bytes
         per = max(1, staging.buffer_bytes // bb)
-        ok: list[Outcome] = []
-        for start in range(0, len(blocks), per):
-            part = slice(start, min(len(blocks), start + per))
+
+        async def chunk(part: slice) -> list[Outcome]:
             k = part.stop - part.start
             async with staging.lease() as buf:
                 views = [buf[j * bb : (j + 1) * bb] for j in range(k)]
                 if to_disk:
                     await self._device_copy(True, hbm_slots[part], [(0, buf[: k * bb])], after)
-                    ok += await self._disk_write(blocks[part], disk_slots[part], views)
-                else:
-                    got = await self._disk_read(disk_slots[part], views)
-                    # Blocks that missed are not copied up; the rest go in one batch.
-                    keep = [j for j in range(k) if got[j] is Outcome.OK]
-                    if keep:
-                        hbm_part = [hbm_slots[part][j] for j in keep]
-                        pieces = [(i, buf[j * bb : (j + 1) * bb]) for i, j in enumerate(keep)]
-                        await self._device_copy(False, hbm_part, pieces, after)
-                    ok += got
-        return ok
+                    return await self._disk_write(blocks[part], disk_slots[part], views)
+                got = await self._disk_read(disk_slots[part], views)
+                # Blocks that missed are not copied up; the rest go in one batch.
+                keep = [j for j in range(k) if got[j] is Outcome.OK]
+                if keep:
+                    pieces = [(i, views[j]) for i, j in enumerate(keep)]
+                    await self._device_copy(False, [hbm_slots[part][j] for j in keep], pieces, after)
+                return got
+
+        parts = [slice(lo, min(len(blocks), lo + per)) for lo in range(0, len(blocks), per)]
+        results = await asyncio.gather(*(chunk(p) for p in parts))
+        return [o for r in results for o in r]
 
     def _staging_pool(self) -> StagingPool:
         if self._staging is None:
             bb = self.hierarchy.pools[Tier.HBM].layout.block_bytes
             per = max(1, self.chunk_bytes // bb)
-            self._staging = StagingPool(per * bb, 2)
+            self._staging = StagingPool(per * bb, STAGING_BUFFERS)
         return self._staging
