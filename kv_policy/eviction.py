@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -144,20 +143,26 @@ class EvictionPolicy(ABC):
         if info.pins == 0:
             self._on_unpin(block_id, info)
 
-    def victims(self, count: int = 1, *, need_bytes: int = 0) -> list[BlockId]:
-        """Choose, forget and return up to ``count`` blocks, or as many as free ``need_bytes`` if that is more."""
+    def victims(self, count: int = 1, *, need_bytes: int = 0, incoming: BlockId | None = None) -> list[BlockId]:
+        """Choose, forget and return up to ``count`` blocks, or as many as free ``need_bytes`` if that is more.
+
+        ``incoming``: the block about to be stored, when known; policies that adapt on its history (ARC's ghost
+        lists) adapt before choosing, as they would if they saw the miss themselves.
+        """
         out: list[BlockId] = []
         freed = 0
         while len(out) < count or freed < need_bytes:
-            popped = self.pop_victim()
+            popped = self.pop_victim(incoming)
             if popped is None:
                 break
             freed += popped[1].size_bytes
             out.append(popped[0])
         return out
 
-    def pop_victim(self) -> tuple[BlockId, BlockInfo] | None:
+    def pop_victim(self, incoming: BlockId | None = None) -> tuple[BlockId, BlockInfo] | None:
         """Choose and forget one victim, returning what the policy knew of it (a demotion decision needs it)."""
+        if incoming is not None:
+            self._before_miss(incoming)
         victim = self._pick()
         if victim is None:
             return None
@@ -200,11 +205,17 @@ class EvictionPolicy(ABC):
     def _pick(self) -> BlockId | None:
         """One evictable block, still cached (the base class forgets it), or None when there is none."""
 
+    def _before_miss(self, incoming: BlockId) -> None:
+        """``incoming`` missed and is about to be stored; most policies learn of it only at ``insert``."""
+        return
+
     def _on_unpin(self, block_id: BlockId, info: BlockInfo) -> None:
         """A block became unpinned; queue-based policies need nothing (they step over pins)."""
+        return
 
     def _on_leaf(self, block_id: BlockId, info: BlockInfo) -> None:
         """A block lost its last cached child; only prefix-aware policies care."""
+        return
 
 
 class LRUPolicy(EvictionPolicy):
@@ -302,10 +313,10 @@ class LFUPolicy(_HeapPolicy):
 class ARCPolicy(EvictionPolicy):
     """Adaptive Replacement Cache (Megiddo and Modha): recency list T1, frequency list T2, ghosts B1/B2.
 
-    NOTE: classic ARC sees the missing block before it replaces; here the caller asks for victims before it
-    inserts, so the target ``p`` adapts when the ghost-hit block is inserted and steers the next replacement
-    (one step later than the paper). ``capacity`` (blocks) sizes the ghost lists and bounds ``p``; without it,
-    the number of cached blocks at each decision stands in.
+    NOTE: classic ARC sees the missing block before it replaces. Callers that name it (``victims(incoming=...)``,
+    as the trace replay does) get the paper's algorithm exactly; otherwise the target ``p`` adapts when the
+    ghost-hit block is inserted and steers the next replacement. ``capacity`` (blocks) sizes the ghost lists and
+    bounds ``p``; without it, the number of cached blocks at each decision stands in.
     """
 
     name = "arc"
@@ -317,22 +328,41 @@ class ARCPolicy(EvictionPolicy):
         self._b1: OrderedDict[BlockId, None] = OrderedDict()
         self._b2: OrderedDict[BlockId, None] = OrderedDict()
         self._p = 0.0
+        self._adapted_for: BlockId | None = None  # the ghost hit p already adapted to
+        self._incoming_in_b2 = False
 
     def _c(self) -> int:
         return self.capacity or max(1, len(self._blocks))
 
-    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+    def _adapt(self, block_id: BlockId) -> None:
+        if self._adapted_for == block_id:
+            return
         c = self._c()
         if block_id in self._b1:
             self._p = min(float(c), self._p + max(1.0, len(self._b2) / max(1, len(self._b1))))
+        elif block_id in self._b2:
+            self._p = max(0.0, self._p - max(1.0, len(self._b1) / max(1, len(self._b2))))
+        else:
+            return
+        self._adapted_for = block_id
+
+    def _before_miss(self, incoming: BlockId) -> None:
+        self._adapt(incoming)
+        self._incoming_in_b2 = incoming in self._b2
+
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._adapt(block_id)
+        self._adapted_for = None
+        self._incoming_in_b2 = False
+        if block_id in self._b1:
             del self._b1[block_id]
             self._t2[block_id] = None
         elif block_id in self._b2:
-            self._p = max(0.0, self._p - max(1.0, len(self._b1) / max(1, len(self._b2))))
             del self._b2[block_id]
             self._t2[block_id] = None
         else:
             self._t1[block_id] = None
+        self._trim_ghosts()
 
     def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
         if block_id in self._t1:
@@ -347,6 +377,10 @@ class ARCPolicy(EvictionPolicy):
         else:
             del self._t2[block_id]
             self._b2[block_id] = None
+        self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        """The paper's bounds: |T1| + |B1| <= c and all four lists <= 2c (oldest ghosts go first)."""
         c = self._c()
         while self._b1 and len(self._t1) + len(self._b1) > c:
             self._b1.popitem(last=False)
@@ -362,8 +396,10 @@ class ARCPolicy(EvictionPolicy):
         return None
 
     def _pick(self) -> BlockId | None:
-        first, second = (self._t1, self._t2) if self._t1 and len(self._t1) > self._p else (self._t2, self._t1)
-        return self._pick_from(first) or self._pick_from(second)
+        from_t1 = self._t1 and (len(self._t1) > self._p or (self._incoming_in_b2 and len(self._t1) == self._p))
+        first, second = (self._t1, self._t2) if from_t1 else (self._t2, self._t1)
+        victim = self._pick_from(first)
+        return victim if victim is not None else self._pick_from(second)
 
 
 class S3FIFOPolicy(EvictionPolicy):

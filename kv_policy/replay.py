@@ -147,7 +147,7 @@ def replay(
             else:
                 size = sizes[j]
                 while len(policy) >= capacity_blocks if by_blocks else policy.used_bytes + size > capacity_bytes:
-                    popped = policy.pop_victim()
+                    popped = policy.pop_victim(h)
                     if popped is None:
                         break
                     res.bytes_evicted += popped[1].size_bytes
@@ -288,7 +288,7 @@ def replay_two_tier(
                     write_down(h, fast.info(h))
             else:
                 while len(fast) >= fast_capacity_blocks:
-                    popped = fast.pop_victim()
+                    popped = fast.pop_victim(h)
                     if popped is None:
                         break
                     victim, info = popped

@@ -146,9 +146,9 @@ def synthetic_trace(config: SyntheticTraceConfig) -> Iterator[TraceRequest]:
         next_id += n
         return ids
 
-    contexts = [fresh(int(rng.integers(config.context_blocks[0], config.context_blocks[1] + 1))) for _ in range(
-        config.contexts
-    )]
+    contexts = [
+        fresh(int(rng.integers(config.context_blocks[0], config.context_blocks[1] + 1))) for _ in range(config.contexts)
+    ]
     weights = 1.0 / np.arange(1, config.contexts + 1) ** config.zipf
     weights /= weights.sum()
     ranking = rng.permutation(config.contexts)
