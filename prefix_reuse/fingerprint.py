@@ -25,21 +25,24 @@ def fingerprint_base(namespace: KeyNamespace) -> int:
 class RollingFingerprint:
     """Fingerprints of windows of ``width`` tokens for one namespace; powers are cached and grown on demand."""
 
-    __slots__ = ("_base", "_inv", "_pow", "_pow_inv", "width")
+    __slots__ = ("_base", "_inv", "_tables", "width")
 
     def __init__(self, namespace: KeyNamespace) -> None:
         self.width = namespace.block_size
         self._base = fingerprint_base(namespace)
         self._inv = pow(self._base, -1, 1 << 64)
-        self._pow = np.ones(1, dtype=np.uint64)
-        self._pow_inv = np.ones(1, dtype=np.uint64)
+        one = np.ones(1, dtype=np.uint64)
+        self._tables = (one, one)
 
     def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._pow.size < n:
-            size = max(n, 2 * self._pow.size)
-            self._pow = self._geometric(self._base, size)
-            self._pow_inv = self._geometric(self._inv, size)
-        return self._pow[:n], self._pow_inv[:n]
+        # NOTE: both tables live in one attribute, replaced in one assignment, so a thread that grows them can
+        # never leave another thread holding powers and inverse powers of different lengths.
+        powers, inverse = self._tables
+        if powers.size < n:
+            size = max(n, 2 * powers.size)
+            powers, inverse = self._geometric(self._base, size), self._geometric(self._inv, size)
+            self._tables = (powers, inverse)
+        return powers[:n], inverse[:n]
 
     @staticmethod
     def _geometric(base: int, n: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -123,9 +124,7 @@ class PrefixReuseIndex:
         with self._lock.read():
             return self._nodes.get(key)
 
-    def match(
-        self, rk: RequestKeys, *, start_block: int = 0, parent: BlockNode | None = None
-    ) -> list[BlockNode]:
+    def match(self, rk: RequestKeys, *, start_block: int = 0, parent: BlockNode | None = None) -> list[BlockNode]:
         """Longest run of ready, verified nodes for ``rk``'s blocks from ``start_block`` on.
 
         ``parent`` is the node matched for block ``start_block - 1`` (required when ``start_block > 0``).
@@ -236,9 +235,7 @@ class PrefixReuseIndex:
         """
         end = start_block + len(payloads)
         if start_block < 0 or end > rk.num_blocks:
-            raise ValueError(
-                f"blocks [{start_block}, {end}) are outside the request's {rk.num_blocks} full blocks"
-            )
+            raise ValueError(f"blocks [{start_block}, {end}) are outside the request's {rk.num_blocks} full blocks")
         ns = rk.namespace
         now = time.monotonic() if now is None else now
         result = InsertResult()
@@ -248,9 +245,7 @@ class PrefixReuseIndex:
             if start_block:
                 parent = self._nodes.get(rk.keys[start_block - 1])
                 if parent is None or parent.check != rk.checks[start_block - 1]:
-                    raise ValueError(
-                        "insert must extend an indexed chain: block start_block - 1 is not cached"
-                    )
+                    raise ValueError("insert must extend an indexed chain: block start_block - 1 is not cached")
             for offset, payload in enumerate(payloads):
                 i = start_block + offset
                 key, check = rk.keys[i], rk.checks[i]
@@ -277,9 +272,11 @@ class PrefixReuseIndex:
 
     def publish(self, nodes: Iterable[BlockNode]) -> None:
         """Make pending nodes visible to matching; their bytes must be complete and verified by now."""
+        nodes = list(nodes)
         with self._lock.write():
-            for node in nodes:
+            for node in nodes:  # all or none
                 self._require_attached(node)
+            for node in nodes:
                 if not node.ready:
                     self._set_ready(node)
 
@@ -322,9 +319,9 @@ class PrefixReuseIndex:
 
     def unpin(self, nodes: Sequence[BlockNode]) -> None:
         with self._lock.write():
-            for node in nodes:
-                if node.pin_count <= 0:
-                    raise ValueError("unpin of a node that is not pinned")
+            for node, count in Counter(nodes).items():
+                if node.pin_count < count:
+                    raise ValueError("unpin of a node that is not pinned (or more times than it is pinned)")
             for node in nodes:
                 node.pin_count -= 1
                 if node.pin_count == 0:

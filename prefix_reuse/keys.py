@@ -58,9 +58,7 @@ class BlockKeyer:
         rk.extend(tokens)
         return rk
 
-    def iter_keys(
-        self, tokens: np.ndarray, start: int = 0, prev: bytes | None = None
-    ) -> Iterator[tuple[bytes, int]]:
+    def iter_keys(self, tokens: np.ndarray, start: int = 0, prev: bytes | None = None) -> Iterator[tuple[bytes, int]]:
         """Lazily yield ``(key, check)`` for the full blocks of ``tokens[start:]``.
 
         ``prev`` is the key of the block before ``start`` (None: ``start`` begins a chain at the namespace

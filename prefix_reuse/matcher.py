@@ -81,8 +81,7 @@ class PrefixMatcher:
         self.metrics = metrics
         self._tier_of = tier_of
         self._fingerprint = RollingFingerprint(keyer.namespace)
-        self._anchor_version = -1
-        self._anchor_fps = np.empty(0, dtype=np.uint64)
+        self._anchor_cache: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.uint64))
 
     def _keys(self, tokens: TokenIds | RequestKeys) -> RequestKeys:
         if isinstance(tokens, RequestKeys):
@@ -124,12 +123,13 @@ class PrefixMatcher:
         return result
 
     def _anchors(self) -> np.ndarray:
-        version = self.index.anchor_version
-        if version != self._anchor_version:
+        # One (version, table) pair replaced in one assignment: concurrent refreshes cannot mix them.
+        cached_version, fps = self._anchor_cache
+        if self.index.anchor_version != cached_version:
             version, table = self.index.anchors(self.keyer.namespace)
-            self._anchor_fps = np.fromiter(table, dtype=np.uint64, count=len(table))
-            self._anchor_version = version
-        return self._anchor_fps
+            fps = np.fromiter(table, dtype=np.uint64, count=len(table))
+            self._anchor_cache = (version, fps)
+        return fps
 
     def _record(self, result: MatchResult, seconds: float) -> None:
         if self.metrics is None:

@@ -23,9 +23,7 @@ _LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-
 class PrefixReuseMetrics:
     """Counts lookups and what they found; thread-safe."""
 
-    def __init__(
-        self, registry: CollectorRegistry | None = None, *, prefix: str = "kvtier", window: int = 8192
-    ):
+    def __init__(self, registry: CollectorRegistry | None = None, *, prefix: str = "kvtier", window: int = 8192):
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=window)

@@ -33,6 +33,9 @@ class KeyNamespace:
     check_seed: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "layout_version", "tp_rank", "tp_size"):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"KeyNamespace.{name} must be an int, got a bool")
         if not self.model_id:
             raise ValueError("KeyNamespace.model_id must identify the model (config and weights fingerprint)")
         if not self.kv_dtype:

@@ -195,9 +195,11 @@ def test_rolling_is_consistent_while_another_thread_grows_the_powers(monkeypatch
     fp = RollingFingerprint(NS)
     geometric = RollingFingerprint._geometric
     seen: list[list[int]] = []
+    spawned: list[bool] = []
 
     def interleaved(base: int, n: int) -> np.ndarray:
-        if base == fp._inv and not seen:  # the first table is in place, the second not yet
+        if base == fp._inv and not spawned:  # the first table is built, the second not yet
+            spawned.append(True)
             other = threading.Thread(target=lambda: seen.append(fp.rolling(arr).tolist()))
             other.start()
             other.join()
