@@ -63,8 +63,7 @@ class KVTierConfig:
     ddr_bytes: int = 1 << 30
     disk_bytes: int = 4 << 30
     cache_dir: Path = Path("kvtier-cache")
-    eviction_policy: str = "lru"
-    write_mode: str = "write-back"
+    write_mode: str = "selective"
     cache_salt: str = ""
     io_threads: int = 4
     max_inflight_bytes: int = 256 << 20

@@ -9,32 +9,11 @@ saved from one request restores into any other with the same namespace.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class HFBlockShape:
-    """How one block of a transformers cache is laid out in bytes."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-
-    @property
-    def block_bytes(self) -> int:
-        return self.num_layers * 2 * self.kv_heads * self.block_size * self.head_dim * self.dtype.itemsize
-
-    @classmethod
-    def from_config(cls, config, block_size: int, dtype: torch.dtype) -> HFBlockShape:
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
+from kv_runtime.layout import KVLayout
 
 
 class HFModel:
@@ -51,7 +30,11 @@ class HFModel:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.config = self.model.config
-        self.shape = HFBlockShape.from_config(self.config, block_size, self.model.dtype)
+        self.layout = KVLayout.from_config(self.config, block_size=block_size, dtype=self.model.dtype)
+        if self.layout.head_dim * self.layout.num_kv_heads * 2 * self.layout.dtype.itemsize * block_size != (
+            self.layout.layer_block_bytes
+        ):
+            raise ValueError("the transformers backend keeps unquantised K and V only")
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -65,6 +48,12 @@ class HFModel:
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
+    def decode(self, token: int, cache) -> torch.Tensor:
+        """One decode step after ``token``; returns the next logits."""
+        ids = torch.tensor([[token]], device=self.device)
+        return self.model(ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+    @torch.inference_mode()
     def prefill_logits(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """All positions' logits of a prefill (for correctness checks against a full prefill)."""
         out = self.model(input_ids.view(1, -1).to(self.device), past_key_values=cache, use_cache=True)
@@ -74,14 +63,14 @@ class HFModel:
         self, cache, first_block: int, num_blocks: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Bytes of blocks ``[first_block, first_block + num_blocks)`` as ``[num_blocks, block_bytes]`` uint8."""
-        s = self.shape
+        s = self.layout
         start, end = first_block * s.block_size, (first_block + num_blocks) * s.block_size
         if end > cache.get_seq_length():
             raise ValueError(f"cache holds {cache.get_seq_length()} tokens, blocks need {end}")
         per_layer = []
         for layer in cache.layers:
             kv = torch.stack([layer.keys[0, :, start:end], layer.values[0, :, start:end]])  # [2, H, T, D]
-            kv = kv.view(2, s.kv_heads, num_blocks, s.block_size, s.head_dim).permute(2, 0, 1, 3, 4)
+            kv = kv.view(2, s.num_kv_heads, num_blocks, s.block_size, s.head_dim).permute(2, 0, 1, 3, 4)
             per_layer.append(kv)
         blocks = torch.stack(per_layer, dim=1).contiguous()  # [N, L, 2, H, bs, D]
         flat = blocks.view(num_blocks, -1).view(torch.uint8)
@@ -90,17 +79,31 @@ class HFModel:
         out.copy_(flat, non_blocking=True)
         return out
 
-    def cache_from_blocks(self, blocks: Sequence[torch.Tensor] | torch.Tensor):
-        """A fresh cache holding the given blocks (uint8, ``block_bytes`` each) in order."""
-        s = self.shape
+    def cache_from_blocks(self, blocks: Sequence[torch.Tensor] | torch.Tensor, cache=None):
+        """``cache`` (a fresh one if None) extended by the given blocks (uint8, ``block_bytes`` each), in order."""
+        s = self.layout
+        cache = self.new_cache() if cache is None else cache
         n = len(blocks)
+        if n == 0:
+            return cache
         flat = blocks if isinstance(blocks, torch.Tensor) else torch.stack(list(blocks))
-        if flat.dtype != torch.uint8 or flat.shape != (n, s.block_bytes):
+        if flat.dtype != torch.uint8 or tuple(flat.shape) != (n, s.block_bytes):
             raise ValueError(f"expected uint8 blocks of {s.block_bytes} bytes, got {flat.dtype} {tuple(flat.shape)}")
         kv = flat.to(self.device, non_blocking=True).view(s.dtype)
-        kv = kv.view(n, s.num_layers, 2, s.kv_heads, s.block_size, s.head_dim)
-        kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(s.num_layers, 2, 1, s.kv_heads, n * s.block_size, s.head_dim)
-        cache = self.new_cache()
+        kv = kv.view(n, s.num_layers, 2, s.num_kv_heads, s.block_size, s.head_dim)
+        kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(s.num_layers, 2, 1, s.num_kv_heads, n * s.block_size, s.head_dim)
         for layer in range(s.num_layers):
             cache.update(kv[layer, 0], kv[layer, 1], layer)
         return cache
+
+    def encode(self, content: str | Sequence[int] | Sequence[dict]) -> list[int]:
+        """Token ids of a prompt: text, chat messages (``{"role", "content"}``) or ids as they are."""
+        if isinstance(content, str):
+            return list(self.tokenizer(content, add_special_tokens=False)["input_ids"])
+        items = list(content)
+        if items and isinstance(items[0], dict):
+            if getattr(self.tokenizer, "chat_template", None):
+                return list(self.tokenizer.apply_chat_template(items, tokenize=True))
+            text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in items)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return [int(t) for t in items]

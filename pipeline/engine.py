@@ -1,0 +1,360 @@
+"""The async Python API: one engine object over a model and its KV tiers.
+
+    async with KVTierEngine.from_pretrained("path/to/model", ddr_bytes="2GiB") as engine:
+        await engine.save_shared_context("manual", open("manual.txt").read(), pin=True)
+        async for out in engine.generate("How do I reset it?", shared_context_id="manual", max_new_tokens=64):
+            print(out.text, end="")
+        print(out.metrics.ttft_ms, out.metrics.reused_tokens)
+
+``generate`` streams :class:`GenerationOutput` records, the last one carrying the request's metrics, as
+LMDeploy's and vLLM's async engines stream theirs. Shared contexts are computed once, pinned if asked, and
+reused by name without resending or re-prefilling them; with a disk tier they survive restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from kv_io.align import ALIGN, round_up
+from kv_pipeline.config import KVTierConfig
+from kv_pipeline.contexts import ContextRegistry, SharedContext
+from kv_pipeline.metrics import PipelineMetrics
+from kv_pipeline.scheduler import Request, RequestMetrics, Scheduler
+from kv_policy import CostBenefitModel, MigrationPolicy, ModelShape, TierLink
+from kv_runtime import DDRPool, DiskPool, HierarchyManager, KVMigrator, Tier
+from kv_runtime.backends.hf_backend import HFModel
+from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace
+
+LAYOUT_VERSION = 1  # bump when the bytes of a block change meaning: old caches then never match
+MAX_SLAB_BYTES = 256 << 20
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOutput:
+    """One streamed token; ``metrics`` is set on the last one."""
+
+    token_id: int
+    text: str
+    index: int
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Config plus a cheap weights fingerprint (sizes, and the first and last MiB of every weight file)."""
+    h = xxhash.xxh3_128()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f.name.encode() + size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return f"{model_dir.name}@{h.hexdigest()}"
+
+
+def _measure_copy_gbps(nbytes: int = 64 << 20) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    dst.copy_(src)
+    return nbytes / (time.perf_counter() - start) / 1e9
+
+
+class KVTierEngine:
+    """A model with kvtier's KV tiers underneath. Use as ``async with``; one per model and cache directory."""
+
+    def __init__(self, config: KVTierConfig) -> None:
+        if not config.model:
+            raise ValueError("KVTierConfig.model must name a model directory")
+        if config.engine != "hf":
+            raise ValueError(f"engine {config.engine!r} is not available in this build; use engine='hf'")
+        self.config = config
+        self.metrics = PipelineMetrics()
+        self._started = False
+        self._context_pins: dict[str, list[BlockNode]] = {}
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, config: KVTierConfig | None = None, **overrides: Any) -> KVTierEngine:
+        """From a model directory; ``overrides`` are configuration keys (e.g. ``ddr_bytes="2GiB"``)."""
+        if config is None:
+            return cls(KVTierConfig.load(model=str(model), **overrides))
+        return cls(config.replace(model=str(model), **overrides))
+
+    async def __aenter__(self) -> KVTierEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = await asyncio.to_thread(
+            HFModel, cfg.model, device=device, dtype=cfg.dtype, block_size=cfg.block_size
+        )
+        layout = self.model.layout
+        self.namespace = KeyNamespace(
+            model_id=model_fingerprint(Path(cfg.model)),
+            kv_dtype=str(layout.dtype).removeprefix("torch."),
+            block_size=cfg.block_size,
+            quant_policy="none",
+            layout_version=LAYOUT_VERSION,
+            cache_salt=cfg.cache_salt,
+        )
+        self.keyer = BlockKeyer(self.namespace)
+        pools: dict[Tier, Any] = {}
+        if cfg.ddr_bytes:
+            pools[Tier.DDR] = DDRPool(cfg.ddr_bytes)
+        if cfg.disk_bytes:
+            slab = min(MAX_SLAB_BYTES, round_up(cfg.disk_bytes, ALIGN))
+            num_slabs = -(-cfg.disk_bytes // slab)
+            pools[Tier.DISK] = await DiskPool.open(cfg.cache_dir / "blocks", slab_bytes=slab, num_slabs=num_slabs)
+        if Tier.DDR not in pools:
+            raise ValueError("the transformers engine restores through host memory: ddr_bytes must be > 0")
+        self.hierarchy = HierarchyManager(pools)
+        if Tier.DISK in pools:
+            self.hierarchy.adopt_disk()
+        self.migrator = KVMigrator(self.hierarchy)
+        self.cost = CostBenefitModel(
+            ModelShape(
+                layers=layout.num_layers,
+                hidden=self.model.config.hidden_size,
+                intermediate=self.model.config.intermediate_size,
+                heads=self.model.config.num_attention_heads,
+                kv_heads=layout.num_kv_heads,
+                head_dim=layout.head_dim,
+                vocab=self.model.config.vocab_size,
+            ),
+            bytes_per_token=layout.bytes_per_token,
+            tiers=[TierLink("ddr", _measure_copy_gbps(), 0.05), TierLink("disk", 1.0, 0.5)],
+            prefill_tflops=await asyncio.to_thread(self._calibrate_prefill_tflops),
+        )
+        self.scheduler = Scheduler(
+            self.model,
+            self.keyer,
+            self.hierarchy,
+            self.migrator,
+            self.cost,
+            MigrationPolicy(cfg.write_mode),
+            max_inflight_bytes=cfg.max_inflight_bytes,
+        )
+        registry_path = cfg.cache_dir / "contexts.sqlite3" if Tier.DISK in pools else None
+        self.contexts = ContextRegistry(registry_path, self.namespace.digest)
+        for ctx in self.contexts.all():
+            if ctx.expired():
+                self.contexts.delete(ctx.context_id)
+            elif ctx.pinned:
+                self._pin_context(ctx)
+        self._started = True
+
+    def _calibrate_prefill_tflops(self) -> float:
+        """Measure this machine's prefill throughput once (the model learns it online after that)."""
+        n = 4 * self.config.block_size
+        ids = torch.randint(0, self.model.config.vocab_size, (n,))
+        self.model.prefill(ids[: self.config.block_size], self.model.new_cache())  # warm-up
+        start = time.perf_counter()
+        self.model.prefill(ids, self.model.new_cache())
+        seconds = time.perf_counter() - start
+        shape = ModelShape(
+            layers=self.model.layout.num_layers,
+            hidden=self.model.config.hidden_size,
+            intermediate=self.model.config.intermediate_size,
+            heads=self.model.config.num_attention_heads,
+            kv_heads=self.model.layout.num_kv_heads,
+            head_dim=self.model.layout.head_dim,
+            vocab=self.model.config.vocab_size,
+        )
+        return shape.prefill_flops(0, n) / seconds / 1e12
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self.scheduler.close()
+        for nodes in self._context_pins.values():
+            self.hierarchy.index.unpin(nodes)
+        self._context_pins.clear()
+        self.contexts.close()
+        disk = self.hierarchy.pools.get(Tier.DISK)
+        if disk is not None:
+            await disk.reap()
+            await disk.store.close()
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("the engine is not started: use `async with engine` or `await engine.start()`")
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 32,
+        shared_context_id: str | None = None,
+        session_id: str = "default",
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> AsyncIterator[GenerationOutput]:
+        """Stream new tokens for ``prompt`` (text, chat messages or token ids), after a shared context if named."""
+        self._require_started()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokens = self.model.encode(prompt)
+        if shared_context_id is not None:
+            ctx = self.get_shared_context(shared_context_id)
+            if ctx is None:
+                raise KeyError(f"no shared context named {shared_context_id!r}")
+            tokens = list(ctx.tokens) + tokens
+        req = Request(
+            tokens=tokens,
+            max_new_tokens=max_new_tokens,
+            context=session_id,
+            temperature=temperature,
+            seed=seed,
+            stop_token=self.model.tokenizer.eos_token_id,
+        )
+        index = 0
+        pending: int | None = None
+        async for token in self.scheduler.generate(req):
+            if pending is not None:
+                yield GenerationOutput(pending, self.model.tokenizer.decode([pending]), index, False)
+                index += 1
+            pending = token
+        self.metrics.record(req.metrics, session_id)
+        if pending is not None:
+            text = self.model.tokenizer.decode([pending])
+            yield GenerationOutput(pending, text, index, True, req.metrics)
+
+    async def prefill(self, prompt: Prompt, *, session_id: str = "default") -> RequestMetrics:
+        """Process a prompt and cache its blocks without streaming; returns the request's metrics."""
+        outputs = [out async for out in self.generate(prompt, max_new_tokens=1, session_id=session_id)]
+        metrics = outputs[-1].metrics
+        assert metrics is not None
+        return metrics
+
+    # ------------------------------------------------------------------ shared contexts
+
+    async def save_shared_context(
+        self, context_id: str, content: Prompt, *, pin: bool = True, ttl: float | None = None
+    ) -> SharedContext:
+        """Compute and store a prefix once under ``context_id``; ``pin`` keeps it from eviction, ``ttl``
+        (seconds) expires it. Pinned contexts are written to the disk tier so they survive restarts."""
+        self._require_started()
+        if not context_id:
+            raise ValueError("a shared context needs a non-empty id")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be positive seconds, got {ttl}")
+        tokens = self.model.encode(content)
+        if len(tokens) < self.config.block_size:
+            raise ValueError(
+                f"a shared context needs at least one full block ({self.config.block_size} tokens), got {len(tokens)}"
+            )
+        if context_id in self._context_pins:
+            await self.drop_shared_context(context_id)
+        await self.prefill(tokens, session_id=f"context:{context_id}")
+        await self.scheduler.drain()
+        rk = self.keyer.request(tokens)
+        nodes = self.hierarchy.match(rk)
+        if len(nodes) < rk.num_blocks:
+            raise RuntimeError(
+                f"shared context {context_id!r} does not fit the cache: {len(nodes)} of {rk.num_blocks} blocks stored"
+            )
+        now = time.time()
+        ctx = SharedContext(context_id, tuple(tokens), pin, now, now + ttl if ttl is not None else None)
+        if pin:
+            self.hierarchy.index.pin(nodes)
+            self._context_pins[context_id] = nodes
+            if Tier.DISK in self.hierarchy.pools:
+                await self.scheduler.persist([n.payload for n in nodes])
+        self.contexts.put(ctx)
+        return ctx
+
+    def _pin_context(self, ctx: SharedContext) -> None:
+        nodes = self.hierarchy.match(self.keyer.request(np.asarray(ctx.tokens, dtype=np.int32)))
+        if nodes:
+            self.hierarchy.index.pin(nodes)
+            self._context_pins[ctx.context_id] = nodes
+
+    def get_shared_context(self, context_id: str) -> SharedContext | None:
+        self._require_started()
+        ctx = self.contexts.get(context_id)
+        if ctx is not None and ctx.expired():
+            self._forget_context(context_id)
+            return None
+        return ctx
+
+    def list_shared_contexts(self) -> list[SharedContext]:
+        self._require_started()
+        live = []
+        for ctx in self.contexts.all():
+            if ctx.expired():
+                self._forget_context(ctx.context_id)
+            else:
+                live.append(ctx)
+        return live
+
+    def shared_context_info(self, context_id: str) -> dict[str, Any]:
+        """A context's record plus where its blocks are now."""
+        ctx = self.get_shared_context(context_id)
+        if ctx is None:
+            raise KeyError(f"no shared context named {context_id!r}")
+        nodes = self.hierarchy.match(self.keyer.request(np.asarray(ctx.tokens, dtype=np.int32)))
+        tiers: dict[str, int] = {}
+        for node in nodes:
+            for tier in node.payload.tiers:
+                tiers[tier.name.lower()] = tiers.get(tier.name.lower(), 0) + 1
+        return {
+            "context_id": ctx.context_id,
+            "tokens": ctx.num_tokens,
+            "pinned": ctx.pinned,
+            "expires": ctx.expires,
+            "cached_blocks": len(nodes),
+            "blocks_by_tier": tiers,
+        }
+
+    async def drop_shared_context(self, context_id: str) -> bool:
+        """Forget a context; its blocks lose their pin and age out like any other."""
+        self._require_started()
+        return self._forget_context(context_id)
+
+    def _forget_context(self, context_id: str) -> bool:
+        nodes = self._context_pins.pop(context_id, None)
+        if nodes:
+            self.hierarchy.index.unpin(nodes)
+        return self.contexts.delete(context_id) or nodes is not None
+
+    # ------------------------------------------------------------------ inspection
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Requests, TTFT (overall and per session), prefix reuse, tiers and transfers, as plain data."""
+        self._require_started()
+        return {
+            "pipeline": self.metrics.snapshot(),
+            "index": asdict(self.hierarchy.index.stats()),
+            "tiers": {t.name.lower(): asdict(p.stats()) for t, p in self.hierarchy.pools.items()},
+            "transfers": self.migrator.direction_stats(),
+            "cost_model": {
+                "prefill_tflops": self.cost.prefill_flops_per_s / 1e12,
+                "links": {
+                    n: {"GBps": t.bandwidth_gbps, "latency_ms": t.latency_ms} for n, t in self.cost.tiers.items()
+                },
+            },
+        }
