@@ -250,6 +250,18 @@ class KVTierEngine:
         assert metrics is not None
         return metrics
 
+    async def prompt_logits(
+        self, prompt: Prompt, *, session_id: str = "default"
+    ) -> tuple[torch.Tensor, RequestMetrics]:
+        """The logits after the prompt's last token, computed through the cache (restored prefix + the rest)."""
+        self._require_started()
+        req = Request(tokens=self.model.encode(prompt), max_new_tokens=1, context=session_id, keep_logits=True)
+        async for _ in self.scheduler.generate(req):
+            pass
+        self.metrics.record(req.metrics, session_id)
+        assert req.logits is not None
+        return req.logits, req.metrics
+
     # ------------------------------------------------------------------ shared contexts
 
     async def save_shared_context(

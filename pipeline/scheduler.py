@@ -76,6 +76,8 @@ class Request:
     temperature: float = 0.0
     seed: int | None = None
     stop_token: int | None = None
+    keep_logits: bool = False  # keep the prompt's last logits in ``logits`` (correctness checks)
+    logits: torch.Tensor | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
@@ -151,6 +153,8 @@ class Scheduler:
                     await asyncio.gather(load_task, return_exceptions=True)
                 raise
             self._spawn(self._write_back(rk, cache, req.tenant))
+            if req.keep_logits:
+                req.logits = logits
             token = self._sample(logits, req.temperature, generator)
             m.ttft_ms = (time.perf_counter() - t0) * 1e3
             yield token
