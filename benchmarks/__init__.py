@@ -8,5 +8,6 @@ their (sometimes heavy) dependencies.
 BENCHMARKS: dict[str, str] = {
     "runtime": "kv_benchmarks.runtime",
     "prefix": "kv_benchmarks.prefix",
+    "e2e": "kv_benchmarks.e2e",
     "policy": "kv_benchmarks.policy",
 }

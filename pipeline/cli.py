@@ -32,12 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvtier", description="Tiered KV-cache runtime for LLM inference (HBM, pinned DDR, NVMe)."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = sub.add_parser("demo", help="the main job: a multi-session long-context workload with and without kvtier")
+    from kv_pipeline import demo as demo_module
+
+    demo_module.add_arguments(demo)
     _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from kv_pipeline import demo
+
+        return demo.main(args)
     if args.command == "bench":
         report = args.run(args)
         paths = write_report(report, args.out)
