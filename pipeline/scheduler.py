@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kv_io.cuda import CopyStream, wait_event
 from kv_pipeline.flow import ByteBudget, FairTurn
 from kv_policy import BlockInfo, CostBenefitModel, LoadPlan, MigrationPolicy
 from kv_runtime import HierarchyManager, KVMigrator, MigrationPlan, Residency, Tier
@@ -112,6 +113,10 @@ class Scheduler:
         self._loads_running = 0
         self._on_done = on_request_done
         self.block_size = keyer.block_size
+        # On GPU, loads into the engine and write-back out of it run on their own streams, ordered by events.
+        self._cuda = model.device.type == "cuda"
+        self._load_stream = CopyStream(model.device) if self._cuda else None
+        self._save_stream = CopyStream(model.device) if self._cuda else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,7 +157,8 @@ class Scheduler:
                     load_task.cancel()
                     await asyncio.gather(load_task, return_exceptions=True)
                 raise
-            self._spawn(self._write_back(rk, cache, req.tenant))
+            computed = await self._run_compute(self._record_event) if self._cuda else None
+            self._spawn(self._write_back(rk, cache, req.tenant, computed))
             if req.keep_logits:
                 req.logits = logits
             token = self._sample(logits, req.temperature, generator)
@@ -171,6 +177,13 @@ class Scheduler:
             self._unlease(nodes)
             if self._on_done is not None:
                 self._on_done(m)
+
+    @staticmethod
+    def _record_event() -> torch.cuda.Event:
+        """An event on the compute thread's current stream: the prefill's kernels are queued before it."""
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _lookup_and_lease(self, rk: RequestKeys, tenant: str) -> list[BlockNode]:
         for _ in range(3):
@@ -255,11 +268,7 @@ class Scheduler:
                     if Tier.DDR not in r.copies:
                         break
                     usable.append(r)
-                pool = self.hierarchy.pool(Tier.DDR)
-                assert isinstance(pool, DDRPool)
-                out = torch.empty((len(usable), self.model.layout.block_bytes), dtype=torch.uint8)
-                for i, r in enumerate(usable):
-                    out[i].copy_(pool.view(r.copies[Tier.DDR]))
+                out = await self._from_ddr(usable)
         finally:
             self._loads_running -= 1
             if not self._loads_running:
@@ -276,6 +285,25 @@ class Scheduler:
         if len(usable) < len(residencies):
             log.warning("loaded %d of %d planned blocks; recomputing the rest", len(usable), len(residencies))
         self._after_use(usable)
+        return out
+
+    async def _from_ddr(self, residencies: Sequence[Residency]) -> torch.Tensor:
+        """Blocks' DDR copies gathered for the engine: on GPU straight from the pinned slots into device
+        memory on the load stream (the host waits on its event, the device never stalls); on CPU a copy."""
+        pool = self.hierarchy.pool(Tier.DDR)
+        assert isinstance(pool, DDRPool)
+        out = torch.empty(
+            (len(residencies), self.model.layout.block_bytes), dtype=torch.uint8, device=self.model.device
+        )
+        if self._load_stream is None:
+            for i, r in enumerate(residencies):
+                out[i].copy_(pool.view(r.copies[Tier.DDR]))
+            return out
+        with self._load_stream.use():
+            for i, r in enumerate(residencies):
+                out[i].copy_(pool.view(r.copies[Tier.DDR]), non_blocking=True)
+            done = self._load_stream.record()
+        await wait_event(done)
         return out
 
     def _after_use(self, residencies: Sequence[Residency]) -> None:
@@ -300,27 +328,65 @@ class Scheduler:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
 
-    async def _write_back(self, rk: RequestKeys, cache: Any, tenant: str) -> None:
-        """Copy the prompt's new full blocks into DDR and publish them; then write down per policy."""
+    async def _write_back(self, rk: RequestKeys, cache: Any, tenant: str, computed: Any = None) -> None:
+        """Copy the prompt's new full blocks into DDR slots and publish them; then write down per policy.
+
+        On GPU the blocks are gathered on the save stream after ``computed`` (an event recorded on the compute
+        stream after the prefill that wrote them), then copied into the pinned slots on the same stream; they
+        are published only once that stream's event has completed.
+        """
         first = len(self.hierarchy.index.match(rk))
         count = rk.num_blocks - first
         if count <= 0:
             return
-        nbytes = count * self.model.layout.block_bytes
-        async with self.saves.hold(nbytes):
-            blocks = await asyncio.to_thread(self.model.blocks_from_cache, cache, first, count)
-            await self._make_room(Tier.DDR, nbytes, tenant)
+        block_bytes = self.model.layout.block_bytes
+        async with self.saves.hold(count * block_bytes):
+            await self._make_room(Tier.DDR, count * block_bytes, tenant)
             try:
-                nodes = self.hierarchy.put(rk, first, blocks, tenant=tenant)
+                slots = self.hierarchy.allocate(Tier.DDR, [block_bytes] * count, tenant)
             except (PoolFullError, QuotaExceededError) as e:
                 log.info("not caching %d blocks: %s", count, e)
                 return
+            try:
+                await self._to_ddr(cache, first, slots, computed)
+                nodes = self.hierarchy.insert(rk, first, Tier.DDR, slots, tenant=tenant, ready=True)
             except ValueError:  # the chain's parent was evicted meanwhile: nothing to hang these on
+                self._free(slots, tenant)
                 return
+            except BaseException:
+                self._free(slots, tenant)
+                raise
         if Tier.DISK in self.hierarchy.pools:
             due = [n.payload for n in nodes if self.policy.on_store(self._info(n.payload)).write]
             if due:
                 await self._write_down(due)
+
+    async def _to_ddr(self, cache: Any, first: int, slots: Sequence[Any], computed: Any) -> None:
+        pool = self.hierarchy.pool(Tier.DDR)
+        assert isinstance(pool, DDRPool)
+        if self._save_stream is None:
+            blocks = await asyncio.to_thread(self.model.blocks_from_cache, cache, first, len(slots))
+            for slot, row in zip(slots, blocks, strict=True):
+                pool.view(slot).copy_(row)
+            return
+        stream = self._save_stream.stream
+        with self._save_stream.use():
+            self._save_stream.wait(computed)
+            # NOTE: decoding replaces the cache's tensors (it concatenates); marking the ones read here as used
+            # by this stream keeps the allocator from recycling them before the gather has run.
+            for layer in cache.layers:
+                layer.keys.record_stream(stream)
+                layer.values.record_stream(stream)
+            blocks = self.model.blocks_from_cache(cache, first, len(slots))
+            for slot, row in zip(slots, blocks, strict=True):
+                pool.view(slot).copy_(row, non_blocking=True)
+            blocks.record_stream(stream)
+            done = self._save_stream.record()
+        await wait_event(done)
+
+    def _free(self, slots: Sequence[Any], tenant: str) -> None:
+        for slot in slots:
+            self.hierarchy.free_slot(slot, tenant)
 
     async def persist(self, residencies: Sequence[Residency]) -> None:
         """Make sure these blocks have a disk copy (named shared contexts must survive restarts)."""

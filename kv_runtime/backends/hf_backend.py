@@ -59,10 +59,9 @@ class HFModel:
         out = self.model(input_ids.view(1, -1).to(self.device), past_key_values=cache, use_cache=True)
         return out.logits[0].float()
 
-    def blocks_from_cache(
-        self, cache, first_block: int, num_blocks: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Bytes of blocks ``[first_block, first_block + num_blocks)`` as ``[num_blocks, block_bytes]`` uint8."""
+    def blocks_from_cache(self, cache, first_block: int, num_blocks: int) -> torch.Tensor:
+        """Bytes of blocks ``[first_block, first_block + num_blocks)`` as ``[num_blocks, block_bytes]`` uint8,
+        on the model's device (the caller moves them: on GPU through its own stream, never a blocking copy)."""
         s = self.layout
         start, end = first_block * s.block_size, (first_block + num_blocks) * s.block_size
         if end > cache.get_seq_length():
@@ -73,11 +72,7 @@ class HFModel:
             kv = kv.view(2, s.num_kv_heads, num_blocks, s.block_size, s.head_dim).permute(2, 0, 1, 3, 4)
             per_layer.append(kv)
         blocks = torch.stack(per_layer, dim=1).contiguous()  # [N, L, 2, H, bs, D]
-        flat = blocks.view(num_blocks, -1).view(torch.uint8)
-        if out is None:
-            return flat.cpu() if flat.device.type != "cpu" else flat
-        out.copy_(flat, non_blocking=True)
-        return out
+        return blocks.view(num_blocks, -1).view(torch.uint8)
 
     def cache_from_blocks(self, blocks: Sequence[torch.Tensor] | torch.Tensor, cache=None):
         """``cache`` (a fresh one if None) extended by the given blocks (uint8, ``block_bytes`` each), in order."""
