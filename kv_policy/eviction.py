@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 from kv_policy.lifetime import LifetimePredictor
 
@@ -544,8 +548,162 @@ class KvtierClassPolicy(KvtierPrefixPolicy):
         return (min(uses, self.max_class), info.size_bytes >= self._full_bytes, info.last_access, -info.depth)
 
 
+class KvtierHitDensityPolicy(EvictionPolicy):
+    """Least hit density (after Beckmann et al., NSDI'18), learned online, over prefix-safe leaves.
+
+    A block's value is the hits it can still be expected to earn per slot-time it will still occupy. Both are
+    learned from this tier's own past: per class, histograms of the age (events since the block's last use) at
+    which blocks were hit and at which they were evicted, aged by ``decay`` at every reconfiguration. From them,
+    for every (class, age): hit density = expected further hits / expected further lifetime. The victim is the
+    lowest-density leaf among ``samples`` random evictable leaves (random sampling keeps the choice O(samples)
+    although every block's density moves with its age).
+
+    What it uses that a generic cache cannot:
+    - prefix structure: only blocks without cached children are candidates, so a subtree is never orphaned;
+    - use counts that survive eviction (a bounded history): a prefix stored again is classed by all its uses;
+    - tokens per block: a prompt-ending partial block (shorter than the longest seen) is its own class, since
+      only an exact repeat of the prompt can reuse it, and it learns its (low) density separately.
+
+    Classes: ``min(uses, max_uses)`` x (partial or full). Ages are counted in events (insert or access) in
+    units of ``capacity / 32``; until the first reconfiguration the order is plain recency.
+    """
+
+    name = "kvtier-lhd"
+    prefix_aware = True
+
+    def __init__(
+        self,
+        capacity: int | None = None,
+        *,
+        samples: int = 32,
+        age_buckets: int = 512,
+        max_uses: int = 4,
+        decay: float = 0.9,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(capacity)
+        if samples < 1 or age_buckets < 2 or max_uses < 1 or not 0.0 < decay <= 1.0:
+            raise ValueError("samples >= 1, age_buckets >= 2, max_uses >= 1 and decay in (0, 1] required")
+        span = capacity if capacity is not None else 2048  # sizes the age unit and the learning period
+        self.samples = samples
+        self.max_uses = max_uses
+        self.decay = decay
+        self._age_unit = max(1, span // 32)
+        self._period = max(256, span // 2)
+        self._buckets = age_buckets
+        classes = 2 * max_uses
+        self._hits = np.zeros((classes, age_buckets))
+        self._evictions = np.zeros((classes, age_buckets))
+        self._density: np.ndarray | None = None
+        self._clock = 0
+        self._next_reconfigure = self._period
+        self._uses: OrderedDict[BlockId, int] = OrderedDict()  # history beyond residency, least recent first
+        self._max_history = max(65536, 16 * span)
+        self._stamp: dict[BlockId, tuple[int, int]] = {}  # block -> (clock at its last use, its class then)
+        self._leaves: list[BlockId] = []  # blocks without cached children, for O(1) random sampling
+        self._leaf_pos: dict[BlockId, int] = {}
+        self._rng = random.Random(seed)
+        self._full_bytes = 0
+
+    # -- learning ------------------------------------------------------------------------------------------
+    def _age(self, since: int) -> int:
+        return min((self._clock - since) // self._age_unit, self._buckets - 1)
+
+    def _use(self, block_id: BlockId, info: BlockInfo) -> None:
+        uses = self._uses.pop(block_id, 0) + 1
+        self._uses[block_id] = uses
+        if len(self._uses) > self._max_history:
+            self._uses.popitem(last=False)
+        partial = info.size_bytes < self._full_bytes
+        self._stamp[block_id] = (self._clock, 2 * (min(uses, self.max_uses) - 1) + partial)
+        self._clock += 1
+        if self._clock >= self._next_reconfigure:
+            self._next_reconfigure += self._period
+            self._reconfigure()
+
+    def _reconfigure(self) -> None:
+        """Hit density per (class, age): hits still to come over slot-time still to spend, summed from the top."""
+        events = self._hits + self._evictions
+        hits_after = np.cumsum(self._hits[:, ::-1], axis=1)[:, ::-1]
+        events_after = np.cumsum(events[:, ::-1], axis=1)[:, ::-1]
+        lifetime_after = np.cumsum(events_after[:, ::-1], axis=1)[:, ::-1]
+        self._density = np.divide(hits_after, lifetime_after, out=np.zeros_like(hits_after), where=lifetime_after > 0)
+        self._hits *= self.decay
+        self._evictions *= self.decay
+
+    def _score(self, block_id: BlockId) -> float:
+        since, cls = self._stamp[block_id]
+        age = self._age(since)
+        return -age if self._density is None else float(self._density[cls, age])
+
+    # -- leaf set ------------------------------------------------------------------------------------------
+    def _add_leaf(self, block_id: BlockId) -> None:
+        if block_id not in self._leaf_pos:
+            self._leaf_pos[block_id] = len(self._leaves)
+            self._leaves.append(block_id)
+
+    def _drop_leaf(self, block_id: BlockId) -> None:
+        pos = self._leaf_pos.pop(block_id, None)
+        if pos is None:
+            return
+        last = self._leaves.pop()
+        if last != block_id:
+            self._leaves[pos] = last
+            self._leaf_pos[last] = pos
+
+    # -- events --------------------------------------------------------------------------------------------
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._full_bytes = max(self._full_bytes, info.size_bytes)
+        self._use(block_id, info)
+        if not info.children:
+            self._add_leaf(block_id)
+        if info.parent is not None and info.parent in self._blocks:
+            self._drop_leaf(info.parent)
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        since, cls = self._stamp[block_id]
+        self._hits[cls, self._age(since)] += 1
+        self._use(block_id, info)
+
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None:
+        since, cls = self._stamp.pop(block_id)
+        self._evictions[cls, self._age(since)] += 1
+        self._drop_leaf(block_id)
+
+    def _on_leaf(self, block_id: BlockId, info: BlockInfo) -> None:
+        self._add_leaf(block_id)
+
+    def _pick(self) -> BlockId | None:
+        leaves, blocks = self._leaves, self._blocks
+        if not leaves:
+            return None
+        best, best_score = None, math.inf
+        for _ in range(self.samples):
+            block_id = leaves[self._rng.randrange(len(leaves))]
+            if not blocks[block_id].pins:
+                score = self._score(block_id)
+                if score < best_score:
+                    best, best_score = block_id, score
+        if best is None:  # every sample pinned: scan (rare; only when most leaves are in flight)
+            for block_id in leaves:
+                if not blocks[block_id].pins:
+                    score = self._score(block_id)
+                    if score < best_score:
+                        best, best_score = block_id, score
+        return best
+
+
 EVICTION_POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, S3FIFOPolicy, KvtierPrefixPolicy, KvtierClassPolicy)
+    cls.name: cls
+    for cls in (
+        LRUPolicy,
+        LFUPolicy,
+        ARCPolicy,
+        S3FIFOPolicy,
+        KvtierPrefixPolicy,
+        KvtierClassPolicy,
+        KvtierHitDensityPolicy,
+    )
 }
 
 
