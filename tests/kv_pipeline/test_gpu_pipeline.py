@@ -43,10 +43,13 @@ async def test_gpu_restore_matches_full_prefill(gpu_model_dir, tmp_path):
         _, m0 = await _logits(engine, tokens)
         assert m0.reused_tokens == {}
         again, m1 = await _logits(engine, longer)
-        assert m1.reused_tokens.get("ddr", 0) >= 960
+        assert m1.reused_tokens.get("ddr", 0) >= 800
+        assert m1.reused_tokens["ddr"] + m1.computed_tokens == len(longer)
         reference = engine.model.prefill(torch.tensor(longer), engine.model.new_cache())
         assert torch.allclose(again, reference, atol=1e-3, rtol=1e-4)
     async with KVTierEngine.from_pretrained(gpu_model_dir, **kwargs) as engine:  # restart: prefix on disk only
         restored, m2 = await _logits(engine, longer)
-        assert m2.reused_tokens.get("disk", 0) >= 960
+        # the cost model may recompute a few front blocks while the rest streams in from disk ("both")
+        assert m2.reused_tokens.get("disk", 0) >= 800
+        assert m2.reused_tokens["disk"] + m2.computed_tokens == len(longer)
         assert torch.allclose(restored, reference, atol=1e-3, rtol=1e-4)
