@@ -23,6 +23,7 @@ Whatever happens to a request (success, error, cancellation), its leases are ret
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
@@ -39,7 +40,7 @@ from kv_runtime import HierarchyManager, KVMigrator, MigrationPlan, Residency, T
 from kv_runtime.backends.hf_backend import HFModel
 from kv_runtime.pools import DDRPool, PoolFullError
 from kv_runtime.quota import QuotaExceededError
-from prefix_reuse import BlockKeyer, BlockNode, RequestKeys, StaleNodeError
+from prefix_reuse import BlockKeyer, BlockNode, PinnedError, RequestKeys, StaleNodeError
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ class Scheduler:
     def _lookup_and_lease(self, rk: RequestKeys, tenant: str) -> list[BlockNode]:
         for _ in range(3):
             nodes = self.hierarchy.match(rk, tenant=tenant)
+            # NOTE: a block whose only copy proved unreadable while leased stays in the index without copies
+            # until its last lease goes (see _unlease): it is not a hit, and neither is anything after it.
+            nodes = list(itertools.takewhile(lambda node: node.payload.copies, nodes))
             try:
                 self.hierarchy.index.pin(nodes)
                 return nodes
@@ -196,8 +200,15 @@ class Scheduler:
         return []
 
     def _unlease(self, nodes: Sequence[BlockNode]) -> None:
-        if nodes:
-            self.hierarchy.index.unpin(nodes)
+        if not nodes:
+            return
+        self.hierarchy.index.unpin(nodes)
+        for node in nodes:  # drop blocks left without a copy by a miss, so that they can be cached again
+            if not node.payload.copies and not node.payload.dropped and not node.pin_count:
+                try:
+                    self.hierarchy.drop(node)
+                except PinnedError:  # something below is still leased: its lease's end drops it
+                    continue
 
     def _plan(self, nodes: Sequence[BlockNode], num_tokens: int) -> LoadPlan:
         # The last prompt token is always computed: its logits are the first output.
