@@ -1,0 +1,144 @@
+"""Named shared contexts: computed once, reused by name, listed, inspected, dropped, expired, pinned against
+eviction, durable across restarts on the disk tier, and refused with clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import BLOCK, prompt
+
+from kv_runtime import Tier
+
+BLOCK_BYTES = 98_304  # qwen2-tiny, fp32, 16-token blocks: 2 layers x (K, V) x 2 heads x 16 tokens x 64 dims x 4 B
+
+
+def _greedy(model, tokens: list[int], n: int) -> list[int]:
+    cache = model.new_cache()
+    out = [int(torch.argmax(model.prefill(torch.tensor(tokens), cache)))]
+    while len(out) < n:
+        out.append(int(torch.argmax(model.decode(out[-1], cache))))
+    return out
+
+
+async def _run(engine, prompt_, **kwargs):
+    outs = [out async for out in engine.generate(prompt_, **kwargs)]
+    await engine.scheduler.drain()
+    return outs
+
+
+async def test_save_reuse_list_inspect_drop(make_engine):
+    doc = prompt(BLOCK * 5 + 4, seed=1)
+    question = prompt(10, seed=2)
+    async with make_engine() as engine:
+        assert engine.model.layout.block_bytes == BLOCK_BYTES
+        ctx = await engine.save_shared_context("doc", doc)
+        assert (ctx.context_id, ctx.tokens, ctx.pinned, ctx.expires) == ("doc", tuple(doc), True, None)
+        info = engine.shared_context_info("doc")
+        assert info["cached_blocks"] == 5 and info["tokens"] == len(doc) and info["pinned"]
+        assert info["blocks_by_tier"] == {"ddr": 5, "disk": 5}  # pinned contexts are persisted
+        assert engine.hierarchy.index.stats().pinned_blocks == 5
+        outs = await _run(engine, question, shared_context_id="doc", max_new_tokens=5, session_id="s1")
+        m = outs[-1].metrics
+        assert m.prompt_tokens == len(doc) + len(question)
+        assert m.reused_tokens == {"ddr": 5 * BLOCK}
+        assert m.computed_tokens == 4 + len(question)  # the context's partial block and the new part only
+        assert [o.token_id for o in outs] == _greedy(engine.model, doc + question, 5)
+        assert [c.context_id for c in engine.list_shared_contexts()] == ["doc"]
+        assert await engine.drop_shared_context("doc")
+        assert not await engine.drop_shared_context("doc")
+        assert engine.list_shared_contexts() == []
+        assert engine.get_shared_context("doc") is None
+        assert engine.hierarchy.index.stats().pinned_blocks == 0
+        with pytest.raises(KeyError, match="doc"):
+            engine.shared_context_info("doc")
+        with pytest.raises(KeyError, match="doc"):
+            await _run(engine, question, shared_context_id="doc")
+
+
+async def test_saving_again_replaces_the_context(make_engine):
+    async with make_engine() as engine:
+        await engine.save_shared_context("c", prompt(BLOCK * 3, seed=3))
+        await engine.save_shared_context("c", prompt(BLOCK * 2, seed=4))
+        assert engine.shared_context_info("c")["cached_blocks"] == 2
+        assert engine.hierarchy.index.stats().pinned_blocks == 2
+        assert len(engine.list_shared_contexts()) == 1
+
+
+async def test_ttl_expiry(make_engine, monkeypatch):
+    async with make_engine() as engine:
+        ctx = await engine.save_shared_context("short", prompt(BLOCK * 2, seed=5), ttl=30)
+        await engine.save_shared_context("long", prompt(BLOCK * 2, seed=6), ttl=3600)
+        assert ctx.expires == pytest.approx(time.time() + 30, abs=5)
+        assert engine.hierarchy.index.stats().pinned_blocks == 4
+        later = time.time() + 60
+        monkeypatch.setattr(time, "time", lambda: later)
+        assert [c.context_id for c in engine.list_shared_contexts()] == ["long"]
+        assert engine.get_shared_context("short") is None
+        with pytest.raises(KeyError):
+            await _run(engine, [5, 6, 7], shared_context_id="short")
+        assert engine.hierarchy.index.stats().pinned_blocks == 2  # the expired context's pins are gone
+
+
+async def test_pinned_context_survives_ddr_pressure(make_engine):
+    doc = prompt(BLOCK * 4, seed=7)
+    # 12 blocks of DDR and no disk: four are the context's, the others churn through the remaining eight
+    async with make_engine(ddr_bytes=12 * BLOCK_BYTES, disk_bytes=0) as engine:
+        await engine.save_shared_context("pinned", doc)
+        for seed in range(4):
+            await _run(engine, prompt(BLOCK * 6 + 1, seed=100 + seed), max_new_tokens=1)
+        ddr = engine.hierarchy.pool(Tier.DDR).stats()
+        assert ddr.live_blocks <= 12
+        assert engine.shared_context_info("pinned")["blocks_by_tier"] == {"ddr": 4}
+        outs = await _run(engine, prompt(5, seed=8), shared_context_id="pinned", max_new_tokens=1)
+        assert outs[-1].metrics.reused_tokens == {"ddr": 4 * BLOCK}
+        # an unpinned request's blocks were evicted meanwhile: the earliest prompt is recomputed
+        outs = await _run(engine, prompt(BLOCK * 6 + 1, seed=100), max_new_tokens=1)
+        assert outs[-1].metrics.reused_tokens == {}
+
+
+async def test_context_survives_restart_from_disk(make_engine):
+    doc = prompt(BLOCK * 5 + 2, seed=9)
+    question = prompt(7, seed=10)
+    async with make_engine(write_mode="selective") as engine:
+        await engine.save_shared_context("manual", doc, ttl=3600)
+        baseline = _greedy(engine.model, doc + question, 4)
+    async with make_engine(write_mode="selective") as engine:
+        (ctx,) = engine.list_shared_contexts()
+        assert ctx.context_id == "manual" and ctx.tokens == tuple(doc) and ctx.expires is not None
+        info = engine.shared_context_info("manual")
+        assert info["cached_blocks"] == 5 and info["blocks_by_tier"] == {"disk": 5}
+        assert engine.hierarchy.index.stats().pinned_blocks == 5  # pinned again at start
+        outs = await _run(engine, question, shared_context_id="manual", max_new_tokens=4)
+        m = outs[-1].metrics
+        assert m.reused_tokens.get("disk", 0) > 0 and m.load_misses == 0
+        assert sum(m.reused_tokens.values()) + m.computed_tokens == len(doc) + len(question)
+        assert [o.token_id for o in outs] == baseline
+
+
+async def test_context_too_large_for_the_tiers(make_engine):
+    async with make_engine(ddr_bytes=2 * BLOCK_BYTES, disk_bytes=0) as engine:
+        with pytest.raises(RuntimeError, match="does not fit"):
+            await engine.save_shared_context("big", prompt(BLOCK * 5, seed=11))
+        assert engine.list_shared_contexts() == []
+        assert engine.hierarchy.index.stats().pinned_blocks == 0
+
+
+async def test_bad_context_inputs(make_engine):
+    async with make_engine() as engine:
+        with pytest.raises(ValueError, match="non-empty id"):
+            await engine.save_shared_context("", prompt(BLOCK))
+        for ttl in (0, -1.5):
+            with pytest.raises(ValueError, match="ttl"):
+                await engine.save_shared_context("t", prompt(BLOCK), ttl=ttl)
+        with pytest.raises(ValueError, match="at least one full block"):
+            await engine.save_shared_context("short", prompt(BLOCK - 1))
+        with pytest.raises(KeyError, match="nope"):
+            engine.shared_context_info("nope")
+        with pytest.raises(KeyError, match="nope"):
+            await _run(engine, [1, 2, 3], shared_context_id="nope")
+        assert not await engine.drop_shared_context("nope")
+        assert engine.list_shared_contexts() == []
+    with pytest.raises(RuntimeError, match="not started"):
+        engine.list_shared_contexts()
