@@ -14,6 +14,7 @@ reused by name without resending or re-prefilling them; with a disk tier they su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
@@ -233,11 +234,14 @@ class KVTierEngine:
         )
         index = 0
         pending: int | None = None
-        async for token in self.scheduler.generate(req):
-            if pending is not None:
-                yield GenerationOutput(pending, self.model.tokenizer.decode([pending]), index, False)
-                index += 1
-            pending = token
+        # NOTE: closing the scheduler's stream here, not when it is garbage-collected, returns the request's
+        # leases as soon as the caller closes or cancels this stream.
+        async with contextlib.aclosing(self.scheduler.generate(req)) as tokens_out:
+            async for token in tokens_out:
+                if pending is not None:
+                    yield GenerationOutput(pending, self.model.tokenizer.decode([pending]), index, False)
+                    index += 1
+                pending = token
         self.metrics.record(req.metrics, session_id)
         if pending is not None:
             text = self.model.tokenizer.decode([pending])
