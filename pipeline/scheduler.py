@@ -241,8 +241,14 @@ class Scheduler:
                 self.cost.observe_prefill(0, front, time.perf_counter() - start)
         loaded = 0
         if load_task is not None:
-            blocks = await load_task
-            loaded = blocks.shape[0]
+            try:
+                blocks = await load_task
+            except Exception:  # a failed load (I/O error, no room in DDR, ...) is recomputed, never fatal
+                log.warning(
+                    "loading %d blocks failed; recomputing them", plan.load_end - plan.recompute_front, exc_info=True
+                )
+                blocks = None
+            loaded = 0 if blocks is None else blocks.shape[0]
             if loaded:
                 cache = await self._run_compute(self.model.cache_from_blocks, blocks, cache)
         done = front + loaded * bs
