@@ -357,8 +357,10 @@ class Scheduler:
         if count <= 0:
             return
         block_bytes = self.model.layout.block_bytes
+        # NOTE: demotions take their own share of the save budget; making room while holding this request's
+        # share would deadlock whenever the two together exceed the budget.
+        await self._make_room(Tier.DDR, count * block_bytes, tenant)
         async with self.saves.hold(count * block_bytes):
-            await self._make_room(Tier.DDR, count * block_bytes, tenant)
             try:
                 slots = self.hierarchy.allocate(Tier.DDR, [block_bytes] * count, tenant)
             except (PoolFullError, QuotaExceededError) as e:
