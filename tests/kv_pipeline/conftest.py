@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-
-BLOCK = 16  # tokens per block in these tests: short prompts still span many blocks
+from pipeline_helpers import BLOCK
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +36,3 @@ def make_engine(model_dir: Path, tmp_path: Path) -> Callable[..., Any]:
         return KVTierEngine.from_pretrained(model_dir, **kwargs)
 
     return make
-
-
-def prompt(n: int, seed: int = 0) -> list[int]:
-    """``n`` random token ids in the tokenizer's range (no EOS), the same for the same seed."""
-    return torch.randint(2, 8000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@pytest.fixture
-def tokens() -> Callable[..., list[int]]:
-    return prompt

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import BLOCK, prompt
+from pipeline_helpers import BLOCK, prompt
 
 from kv_runtime import Tier
 

@@ -8,7 +8,7 @@ Tolerance: fp32 on the CPU, ``atol=1e-4`` on logits (restored K/V are the same b
 from __future__ import annotations
 
 import torch
-from conftest import BLOCK, prompt
+from pipeline_helpers import BLOCK, prompt
 
 from kv_io.disk_format import HEADER_BYTES
 from kv_runtime import Tier

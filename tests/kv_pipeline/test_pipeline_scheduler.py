@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from conftest import BLOCK, prompt
+from pipeline_helpers import BLOCK, prompt
 
 from kv_runtime import Tier
 
@@ -94,7 +94,7 @@ async def test_cancelling_requests_keeps_the_engine_serving(make_engine):
         await asyncio.sleep(0.05)
         tasks[0].cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(r, asyncio.CancelledError) or isinstance(r, list) for r in results)
+        assert all(isinstance(r, (asyncio.CancelledError, list)) for r in results)
         await engine.scheduler.drain()
         _assert_idle(engine)
         logits, m = await engine.prompt_logits(tokens)
