@@ -153,3 +153,24 @@ async def test_corrupt_disk_block_is_a_counted_miss_and_recomputed(make_engine):
             again, m = await _logits(engine, tokens)
             assert m.reused_tokens == {"ddr": 8 * BLOCK} and m.computed_tokens == 3
             torch.testing.assert_close(again, reference, atol=ATOL, rtol=0)
+
+
+async def test_corrupt_block_demoted_by_a_tiny_ddr_is_recomputed(make_engine):
+    first, other = prompt(BLOCK * 4 + 3, seed=12), prompt(BLOCK * 6 + 3, seed=13)
+    # write-back with 8 blocks of DDR: the second prompt demotes the first one's blocks to disk
+    async with make_engine(write_mode="write-back", ddr_bytes=8 * 98_304) as engine:
+        reference = _full_logits(engine.model, first)
+        await engine.prefill(first)
+        await engine.scheduler.drain()
+        await engine.prefill(other)
+        await engine.scheduler.drain()
+        rk = engine.keyer.request(first)
+        nodes = engine.hierarchy.match(rk)
+        disk_only = [i for i, n in enumerate(nodes) if set(n.payload.copies) == {Tier.DISK}]
+        assert disk_only, "the tiny DDR should have demoted some of the first prompt's blocks"
+        _corrupt(engine, first, disk_only[0])
+        logits, m = await _logits(engine, first)
+        torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
+        assert m.load_misses == 1
+        assert sum(m.reused_tokens.values()) <= disk_only[0] * BLOCK
+        assert engine.hierarchy.pool(Tier.DISK).store.stats()["corrupt"] == 1
