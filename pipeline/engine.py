@@ -120,15 +120,13 @@ class KVTierEngine:
             cache_salt=cfg.cache_salt,
         )
         self.keyer = BlockKeyer(self.namespace)
-        pools: dict[Tier, Any] = {}
-        if cfg.ddr_bytes:
-            pools[Tier.DDR] = DDRPool(cfg.ddr_bytes)
+        if not cfg.ddr_bytes:
+            raise ValueError("the transformers engine restores through host memory: ddr_bytes must be > 0")
+        pools: dict[Tier, Any] = {Tier.DDR: DDRPool(cfg.ddr_bytes)}
         if cfg.disk_bytes:
             slab = min(MAX_SLAB_BYTES, round_up(cfg.disk_bytes, ALIGN))
             num_slabs = -(-cfg.disk_bytes // slab)
             pools[Tier.DISK] = await DiskPool.open(cfg.cache_dir / "blocks", slab_bytes=slab, num_slabs=num_slabs)
-        if Tier.DDR not in pools:
-            raise ValueError("the transformers engine restores through host memory: ddr_bytes must be > 0")
         self.hierarchy = HierarchyManager(pools)
         if Tier.DISK in pools:
             self.hierarchy.adopt_disk()

@@ -19,7 +19,8 @@ from contextlib import asynccontextmanager
 
 
 class ByteBudget:
-    """At most ``limit`` bytes in flight; waiters are served first come, first served."""
+    """At most ``limit`` bytes in flight. A waiter proceeds as soon as its bytes fit, so a small transfer may
+    pass a large one that is still waiting for room."""
 
     def __init__(self, limit: int) -> None:
         if limit <= 0:

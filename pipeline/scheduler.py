@@ -408,8 +408,13 @@ class Scheduler:
             self.hierarchy.free_slot(slot, tenant)
 
     async def persist(self, residencies: Sequence[Residency]) -> None:
-        """Make sure these blocks have a disk copy (named shared contexts must survive restarts)."""
+        """Make sure these blocks have a disk copy (named shared contexts must survive restarts).
+
+        Raises ``OSError`` if any block could not be written, so a caller never believes it durable."""
         await self._write_down(residencies)
+        missing = sum(Tier.DISK not in r.copies for r in residencies)
+        if missing:
+            raise OSError(f"{missing} of {len(residencies)} blocks could not be written to the disk tier")
 
     async def _write_down(self, residencies: Sequence[Residency], *, keep_source: bool = True) -> None:
         """DDR -> disk, after every load in flight: a save never delays a load a request waits for."""
