@@ -66,6 +66,20 @@ def model_fingerprint(model_dir: Path) -> str:
     return f"{model_dir.name}@{h.hexdigest()}"
 
 
+def _model_shape(model: HFModel) -> ModelShape:
+    """The numbers of the model config that set prefill FLOPs."""
+    layout, config = model.layout, model.config
+    return ModelShape(
+        layers=layout.num_layers,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        heads=config.num_attention_heads,
+        kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        vocab=config.vocab_size,
+    )
+
+
 def _measure_copy_gbps(nbytes: int = 64 << 20) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -132,15 +146,7 @@ class KVTierEngine:
             self.hierarchy.adopt_disk()
         self.migrator = KVMigrator(self.hierarchy)
         self.cost = CostBenefitModel(
-            ModelShape(
-                layers=layout.num_layers,
-                hidden=self.model.config.hidden_size,
-                intermediate=self.model.config.intermediate_size,
-                heads=self.model.config.num_attention_heads,
-                kv_heads=layout.num_kv_heads,
-                head_dim=layout.head_dim,
-                vocab=self.model.config.vocab_size,
-            ),
+            _model_shape(self.model),
             bytes_per_token=layout.bytes_per_token,
             tiers=[TierLink("ddr", _measure_copy_gbps(), 0.05), TierLink("disk", 1.0, 0.5)],
             prefill_tflops=await asyncio.to_thread(self._calibrate_prefill_tflops),
@@ -171,16 +177,7 @@ class KVTierEngine:
         start = time.perf_counter()
         self.model.prefill(ids, self.model.new_cache())
         seconds = time.perf_counter() - start
-        shape = ModelShape(
-            layers=self.model.layout.num_layers,
-            hidden=self.model.config.hidden_size,
-            intermediate=self.model.config.intermediate_size,
-            heads=self.model.config.num_attention_heads,
-            kv_heads=self.model.layout.num_kv_heads,
-            head_dim=self.model.layout.head_dim,
-            vocab=self.model.config.vocab_size,
-        )
-        return shape.prefill_flops(0, n) / seconds / 1e12
+        return _model_shape(self.model).prefill_flops(0, n) / seconds / 1e12
 
     async def close(self) -> None:
         if not self._started:
