@@ -514,27 +514,14 @@ class DiskStore:
             self._extents.remove(it.location.slab, it.location.offset)
 
     async def _write_prepared(self, prepared: list[tuple[BlockWrite, torch.Tensor]]) -> list[DiskRecord]:
-        loop = asyncio.get_running_loop()
-        sums, cancelled = await settle(loop.run_in_executor(None, payload_checksum, data) for _, data in prepared)
-        if cancelled:
-            raise asyncio.CancelledError
-        err = first_error(sums)
-        if err is not None:
-            raise err
         # NOTE: headers get one small aligned allocation per batch rather than staging-pool buffers: a batch
         # holding part of a bounded pool while waiting for the rest could deadlock against another batch.
         headers = aligned_empty(HEADER_BYTES * len(prepared))
-        hview = headers.numpy()
-        ios = []
-        for i, ((it, data), checksum) in enumerate(zip(prepared, sums, strict=True)):
-            hview[i * HEADER_BYTES : (i + 1) * HEADER_BYTES] = np.frombuffer(
-                encode_header(it.namespace, it.key, data.numel(), checksum), dtype=np.uint8
-            )
-            path, off = self.slab_path(it.location.slab), it.location.offset
-            ios.append(self._file_io.pwrite(path, off, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES]))
-            if data.numel():
-                ios.append(self._file_io.pwrite(path, off + HEADER_BYTES, data))
-        await self._durable(ios, {it.location.slab for it, _ in prepared})
+        writes = [
+            self._write_block(it, data, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES])
+            for i, (it, data) in enumerate(prepared)
+        ]
+        sums = await self._durable(writes, {it.location.slab for it, _ in prepared})
         records = [DiskRecord(it.namespace, it.key, it.location, data.numel()) for it, data in prepared]
         rows = [
             (r.namespace, r.key, r.location.slab, r.location.offset, r.location.capacity, r.length, _signed64(c))
@@ -551,21 +538,38 @@ class DiskStore:
         self._stats["bytes_written"] += sum(r.length for r in records)
         return records
 
-    async def _durable(self, ios: list[Any], slabs: Iterable[int]) -> None:
-        """Await writes, then fdatasync each touched slab; any failure becomes DiskWriteError."""
+    async def _write_block(
+        self, it: BlockWrite, data: torch.Tensor, header: torch.Tensor, checksum: int | None = None
+    ) -> int:
+        """Checksum one payload (off the event loop), then write header page and payload as one request.
+
+        Each block of a batch runs this on its own, so the checksum of one block overlaps the writes of the
+        blocks before it instead of every checksum delaying the first write. Returns the payload checksum.
+        """
+        if checksum is None:
+            checksum = await asyncio.get_running_loop().run_in_executor(None, payload_checksum, data)
+        header.numpy()[:] = np.frombuffer(encode_header(it.namespace, it.key, data.numel(), checksum), np.uint8)
+        bufs = [header, data] if data.numel() else [header]
+        await self._file_io.pwritev(self.slab_path(it.location.slab), it.location.offset, bufs)
+        return checksum
+
+    async def _durable(self, ios: list[Any], slabs: Iterable[int]) -> list[Any]:
+        """Await writes, then fdatasync each touched slab once (one barrier per slab per batch, not per block);
+        any failure becomes DiskWriteError. Returns the writes' results."""
         results, cancelled = await settle(ios)
         if cancelled:
             raise asyncio.CancelledError
         err = first_error(results)
         if err is None:
-            results, cancelled = await settle(self._file_io.fsync(self.slab_path(s)) for s in sorted(slabs))
+            synced, cancelled = await settle(self._file_io.fsync(self.slab_path(s)) for s in sorted(slabs))
             if cancelled:
                 raise asyncio.CancelledError
-            err = first_error(results)
-        if err is not None:
-            self._stats["write_errors"] += 1
-            log.error("disk write failed, nothing published: %s", err)
-            raise DiskWriteError(f"disk write failed: {err}") from err
+            err = first_error(synced)
+        if err is None:
+            return results
+        self._stats["write_errors"] += 1
+        log.error("disk write failed, nothing published: %s", err)
+        raise DiskWriteError(f"disk write failed: {err}") from err
 
     async def _commit(self, statements: list[tuple[str, Sequence[Sequence[Any]]]], *, undo: list[Any]) -> None:
         """Commit a transaction. If the caller was cancelled while it committed, roll it back with `undo`
@@ -615,36 +619,18 @@ class DiskStore:
     async def _read_verified(
         self, records: Sequence[DiskRecord], outs: Sequence[torch.Tensor], *, count: bool
     ) -> list[bool]:
-        n = len(records)
-        headers = aligned_empty(HEADER_BYTES * n)
-        ios = []
-        for i, (rec, out) in enumerate(zip(records, outs, strict=True)):
-            path, off = self.slab_path(rec.location.slab), rec.location.offset
-            ios.append(self._file_io.pread(path, off, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES]))
-            ios.append(self._file_io.pread(path, off + HEADER_BYTES, out[: rec.length]))
-        results, cancelled = await settle(ios)
-        if cancelled:
-            raise asyncio.CancelledError
-        verdicts: list[str | None] = []
-        expected: dict[int, int] = {}
-        for i, rec in enumerate(records):
-            verdict, checksum = self._check_read(rec, results[2 * i], results[2 * i + 1], headers, i)
-            verdicts.append(verdict)
-            if checksum is not None:
-                expected[i] = checksum
-        # Payload checksums of the blocks that passed the header checks, off the event loop.
-        loop = asyncio.get_running_loop()
-        todo = [i for i, v in enumerate(verdicts) if v is None]
-        sums, cancelled = await settle(
-            loop.run_in_executor(None, payload_checksum, self._host_payload(records[i], outs[i])) for i in todo
+        # Every block reads and verifies on its own: its checksum runs as soon as its own bytes have landed,
+        # overlapping the reads of the others, instead of all checksums waiting for the slowest read.
+        headers = aligned_empty(HEADER_BYTES * len(records))
+        verdicts, cancelled = await settle(
+            self._read_block(rec, out, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES])
+            for i, (rec, out) in enumerate(zip(records, outs, strict=True))
         )
         if cancelled:
             raise asyncio.CancelledError
-        for i, s in zip(todo, sums, strict=True):
-            if isinstance(s, BaseException):
-                raise s
-            if s != expected[i]:
-                verdicts[i] = "corrupt"
+        err = first_error(verdicts)
+        if err is not None:
+            raise err
         ok = []
         for rec, verdict in zip(records, verdicts, strict=True):
             if verdict is not None:
@@ -658,24 +644,33 @@ class DiskStore:
             ok.append(verdict is None)
         return ok
 
-    def _check_read(
-        self, rec: DiskRecord, h_res: object, p_res: object, headers: torch.Tensor, i: int
-    ) -> tuple[str | None, int | None]:
+    async def _read_block(self, rec: DiskRecord, out: torch.Tensor, header: torch.Tensor) -> str | None:
+        """Read header page and payload as one request, check the header, then the payload checksum (off the
+        event loop). Returns None when the block verified, else the reason it is a miss (a stats counter)."""
+        view = out[: rec.length]
+        bufs = [header, view] if rec.length else [header]
+        try:
+            got = await self._file_io.preadv(self.slab_path(rec.location.slab), rec.location.offset, bufs)
+        except FileNotFoundError:
+            return "missing"
+        except OSError:
+            return "io_errors"
+        if got < HEADER_BYTES + rec.length:
+            return "missing"  # short read: the slab file was truncated under the block
+        verdict, expected = self._check_header(rec, header)
+        if verdict is not None:
+            return verdict
+        loop = asyncio.get_running_loop()
+        actual = await loop.run_in_executor(None, lambda: payload_checksum(self._host_payload(view)))
+        return None if actual == expected else "corrupt"
+
+    def _check_header(self, rec: DiskRecord, header: torch.Tensor) -> tuple[str | None, int | None]:
         """Before the payload checksum: (reason the read is a miss, None) or (None, payload checksum expected).
 
         A reason is also the name of the stats counter it increments.
         """
-        for res in (h_res, p_res):
-            if isinstance(res, FileNotFoundError):
-                return "missing", None
-            if isinstance(res, OSError):
-                return "io_errors", None
-            if isinstance(res, BaseException):
-                raise res
-        if h_res < HEADER_BYTES or p_res < rec.length:
-            return "missing", None  # short read: the slab file was truncated under the block
         try:
-            hdr = decode_header(headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES])
+            hdr = decode_header(header)
         except CorruptBlockError:
             return "corrupt", None
         if hdr.namespace != rec.namespace or hdr.key != rec.key or hdr.payload_len != rec.length:
@@ -686,10 +681,9 @@ class DiskStore:
         return None, hdr.checksum
 
     @staticmethod
-    def _host_payload(rec: DiskRecord, out: torch.Tensor) -> torch.Tensor:
+    def _host_payload(view: torch.Tensor) -> torch.Tensor:
         # NOTE: a block read straight into GPU memory is verified through one device-to-host copy; the fast
         # path for disk -> HBM is disk -> pinned staging (verified) -> HBM.
-        view = out[: rec.length]
         return view if view.device.type == "cpu" else view.cpu()
 
     # -- delete and relocate -------------------------------------------------------------------------------------
@@ -771,13 +765,9 @@ class DiskStore:
         if not ok:
             raise CorruptBlockError(f"{rec.namespace!r}/{rec.key!r} at {rec.location} does not verify")
         checksum = self._checksums[(rec.namespace, rec.key)]
-        header = aligned_empty(HEADER_BYTES)
-        header.numpy()[:] = np.frombuffer(encode_header(rec.namespace, rec.key, rec.length, checksum), np.uint8)
-        path = self.slab_path(new.slab)
-        ios = [self._file_io.pwrite(path, new.offset, header)]
-        if rec.length:
-            ios.append(self._file_io.pwrite(path, new.offset + HEADER_BYTES, buf[: rec.length]))
-        await self._durable(ios, [new.slab])
+        payload = buf[: rec.length]
+        item = BlockWrite(rec.namespace, rec.key, new, payload)
+        await self._durable([self._write_block(item, payload, aligned_empty(HEADER_BYTES), checksum)], [new.slab])
         moved = DiskRecord(rec.namespace, rec.key, new, rec.length)
         (ok,) = await self._read_verified([moved], [buf], count=False)
         if not ok:

@@ -22,7 +22,7 @@ import os
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +68,10 @@ class FileIO(ABC):
     """Positional reads and writes of whole uint8 tensors, awaited on the event loop.
 
     Contract: `pread` fills `out` from `offset` and returns the bytes read (fewer only at end of file); `pwrite`
-    writes all of `data` or raises OSError; `fsync` makes every completed write to `path` durable. Errors are
-    raised as OSError; interpreting them (miss, write failure) is the caller's business.
+    writes all of `data` or raises OSError; `fsync` makes every completed write to `path` durable. `preadv` /
+    `pwritev` do the same for several buffers laid end to end in the file (a block's header page and its
+    payload): one request where the engine can, so a block costs one I/O, not two. Errors are raised as OSError;
+    interpreting them (miss, write failure) is the caller's business.
     """
 
     name: str
@@ -79,6 +81,28 @@ class FileIO(ABC):
 
     @abstractmethod
     async def pwrite(self, path: Path, offset: int, data: torch.Tensor) -> int: ...
+
+    async def preadv(self, path: Path, offset: int, outs: Sequence[torch.Tensor]) -> int:
+        """Fill `outs` in order from consecutive bytes at `offset`; returns the bytes read (fewer only at end of
+        file). This default issues one `pread` per buffer, concurrently; engines with vectored I/O override it."""
+        return await self._each(self.pread, path, offset, outs)
+
+    async def pwritev(self, path: Path, offset: int, datas: Sequence[torch.Tensor]) -> int:
+        """Write `datas` end to end at `offset` (all of it, or OSError). Default: one `pwrite` per buffer."""
+        return await self._each(self.pwrite, path, offset, datas)
+
+    @staticmethod
+    async def _each(
+        op: Callable[[Path, int, torch.Tensor], Awaitable[int]], path: Path, offset: int, ts: Sequence[torch.Tensor]
+    ) -> int:
+        starts = np.cumsum([0, *(t.numel() for t in ts)]).tolist()
+        results, cancelled = await settle(op(path, offset + s, t) for s, t in zip(starts, ts, strict=False))
+        if cancelled:
+            raise asyncio.CancelledError
+        err = first_error(results)
+        if err is not None:
+            raise err
+        return sum(results)
 
     @abstractmethod
     async def fsync(self, path: Path) -> None: ...
@@ -102,22 +126,50 @@ def _host_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy())
 
 
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    """Read until `view` is full or end of file; returns bytes read."""
+def _advance(segs: list[memoryview], n: int) -> list[memoryview]:
+    """The segments left after the first `n` bytes of `segs` were transferred."""
+    while n and n >= len(segs[0]):
+        n -= len(segs[0])
+        segs = segs[1:]
+    if n:
+        segs = [segs[0][n:], *segs[1:]]
+    return segs
+
+
+def _pread_full(fd: int, segs: list[memoryview], offset: int) -> int:
+    """Read into `segs` (laid end to end) until full or end of file, one vectored call per round; returns
+    bytes read."""
+    total = sum(len(v) for v in segs)
     done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+    while done < total:
+        n = os.preadv(fd, segs, offset + done)
         if n == 0:
             break
         done += n
+        segs = _advance(segs, n)
     return done
 
 
-def _pwrite_full(fd: int, view: memoryview, offset: int) -> int:
+def _pwrite_full(fd: int, segs: list[memoryview], offset: int) -> int:
+    total = sum(len(v) for v in segs)
     done = 0
-    while done < len(view):
-        done += os.pwritev(fd, [view[done:]], offset + done)
+    while done < total:
+        n = os.pwritev(fd, segs, offset + done)
+        done += n
+        segs = _advance(segs, n)
     return done
+
+
+def _segments(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """The bytes [start, start + length) of `views` laid end to end, as views into them (no copy)."""
+    segs: list[memoryview] = []
+    pos = 0
+    for v in views:
+        lo, hi = max(start, pos), min(start + length, pos + len(v))
+        if lo < hi:
+            segs.append(v[lo - pos : hi - pos])
+        pos += len(v)
+    return segs
 
 
 @dataclass(slots=True)
@@ -170,12 +222,20 @@ class PosixFileIO(FileIO):
         return h is not None and h.direct is not None and h.direct_ok
 
     async def pread(self, path: Path, offset: int, out: torch.Tensor) -> int:
-        _check_args(offset, out, allow_cuda=False)
-        return await self._run(path, offset, out, write=False)
+        return await self.preadv(path, offset, [out])
 
     async def pwrite(self, path: Path, offset: int, data: torch.Tensor) -> int:
-        _check_args(offset, data, allow_cuda=False)
-        return await self._run(path, offset, data, write=True)
+        return await self.pwritev(path, offset, [data])
+
+    async def preadv(self, path: Path, offset: int, outs: Sequence[torch.Tensor]) -> int:
+        for t in outs:
+            _check_args(offset, t, allow_cuda=False)
+        return await self._run(path, offset, outs, write=False)
+
+    async def pwritev(self, path: Path, offset: int, datas: Sequence[torch.Tensor]) -> int:
+        for t in datas:
+            _check_args(offset, t, allow_cuda=False)
+        return await self._run(path, offset, datas, write=True)
 
     async def fsync(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
@@ -233,18 +293,32 @@ class PosixFileIO(FileIO):
         with self._lock:
             self._counts["direct_fallbacks"] += 1
 
-    def _pieces(self, offset: int, t: torch.Tensor) -> list[tuple[int, int, bool]]:
-        """Split a transfer into (start, length, direct?) pieces: aligned chunks first, then the remainder."""
-        n = t.numel()
+    def _pieces(self, offset: int, ts: Sequence[torch.Tensor]) -> list[tuple[int, int, bool]]:
+        """Split a transfer of `ts` laid end to end into (start, length, direct?) pieces of at most
+        `chunk_bytes`: the aligned body through O_DIRECT, the remainder buffered.
+
+        Buffers that all start aligned, with every one but the last a whole number of pages (a header page and
+        its payload), form one body: a piece may span them and becomes one vectored call. Otherwise each buffer
+        is split on its own.
+        """
+        sizes = [t.numel() for t in ts]
+        joint = all(is_aligned(t) for t in ts) and all(n % ALIGN == 0 for n in sizes[:-1])
+        spans = [(0, sum(sizes), joint)] if joint or len(ts) == 1 else []
+        if not spans:
+            pos = 0
+            for t, n in zip(ts, sizes, strict=True):
+                spans.append((pos, n, is_aligned(t)))
+                pos += n
         pieces: list[tuple[int, int, bool]] = []
-        body = n - n % ALIGN if self.direct and is_aligned(offset) and is_aligned(t) else 0
-        for start in range(0, body, self.chunk_bytes):
-            pieces.append((start, min(self.chunk_bytes, body - start), True))
-        for start in range(body, n, self.chunk_bytes):
-            pieces.append((start, min(self.chunk_bytes, n - start), False))
+        for first, n, aligned in spans:
+            body = n - n % ALIGN if self.direct and aligned and is_aligned(offset + first) else 0
+            for start in range(0, body, self.chunk_bytes):
+                pieces.append((first + start, min(self.chunk_bytes, body - start), True))
+            for start in range(body, n, self.chunk_bytes):
+                pieces.append((first + start, min(self.chunk_bytes, n - start), False))
         return pieces
 
-    async def _run(self, path: Path, offset: int, t: torch.Tensor, *, write: bool) -> int:
+    async def _run(self, path: Path, offset: int, ts: Sequence[torch.Tensor], *, write: bool) -> int:
         if self._closed:
             raise RuntimeError("FileIO is closed")
         loop = asyncio.get_running_loop()
@@ -252,11 +326,11 @@ class PosixFileIO(FileIO):
             h = self._handles.get(str(path))
         if h is None:
             h = await loop.run_in_executor(self._pool, lambda: self._handle(path, create=write))
-        view = _host_view(t)
-        op: Callable[[int, memoryview, int], int] = _pwrite_full if write else _pread_full
+        views = [_host_view(t) for t in ts]
+        op: Callable[[int, list[memoryview], int], int] = _pwrite_full if write else _pread_full
         results, cancelled = await settle(
-            loop.run_in_executor(self._pool, self._piece, h, str(path), op, view[s : s + n], offset + s, direct)
-            for s, n, direct in self._pieces(offset, t)
+            loop.run_in_executor(self._pool, self._piece, h, str(path), op, _segments(views, s, n), offset + s, direct)
+            for s, n, direct in self._pieces(offset, ts)
         )
         if cancelled:
             raise asyncio.CancelledError
@@ -266,11 +340,17 @@ class PosixFileIO(FileIO):
         return sum(results)
 
     def _piece(
-        self, h: _Handle, key: str, op: Callable[[int, memoryview, int], int], view: memoryview, off: int, direct: bool
+        self,
+        h: _Handle,
+        key: str,
+        op: Callable[[int, list[memoryview], int], int],
+        segs: list[memoryview],
+        off: int,
+        direct: bool,
     ) -> int:
         if direct and h.direct is not None and h.direct_ok:
             try:
-                n = op(h.direct, view, off)
+                n = op(h.direct, segs, off)
             except OSError as e:
                 # Some filesystems accept O_DIRECT at open and refuse it per request.
                 if e.errno != errno.EINVAL:
@@ -284,7 +364,7 @@ class PosixFileIO(FileIO):
                 with self._lock:
                     self._counts["direct_bytes"] += n
                 return n
-        n = op(h.buffered, view, off)
+        n = op(h.buffered, segs, off)
         with self._lock:
             self._counts["buffered_bytes"] += n
         return n
@@ -450,7 +530,7 @@ def read_direct(path: Path, offset: int, out: torch.Tensor | memoryview) -> int:
     _check_direct(offset, view, address)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        return _pread_full(fd, view, offset)
+        return _pread_full(fd, [view], offset)
     finally:
         os.close(fd)
 
@@ -461,7 +541,7 @@ def write_direct(path: Path, offset: int, data: torch.Tensor | memoryview) -> in
     _check_direct(offset, view, address)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
     try:
-        n = _pwrite_full(fd, view, offset)
+        n = _pwrite_full(fd, [view], offset)
         os.fdatasync(fd)
         return n
     finally:

@@ -9,9 +9,6 @@ import pytest
 
 from kv_io.file_io import PosixFileIO
 
-SLAB_BYTES = 256 * 1024
-NUM_SLABS = 2
-
 
 @pytest.fixture
 async def posix_io() -> AsyncIterator[PosixFileIO]:

@@ -20,11 +20,12 @@ import json
 import os
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from kv_io.disk_format import HEADER_BYTES, block_capacity
+from kv_io.disk_format import block_capacity
 from kv_io.disk_store import DiskLocation, DiskStore, DiskWriteError
 from kv_io.file_io import FileIO, PosixFileIO
 
@@ -54,18 +55,20 @@ def location_for(i: int, slab_bytes: int) -> DiskLocation:
 
 
 class _TearingIO(PosixFileIO):
-    """Writes only the first half of one payload, reports it, then hangs until killed."""
+    """At one slot, writes the header and only the first half of the payload, reports it, then hangs until
+    killed (the store writes a block's header page and payload as one vectored request)."""
 
     def __init__(self, torn_offset: int) -> None:
         super().__init__(threads=2)
         self.torn_offset = torn_offset
 
-    async def pwrite(self, path: Path, offset: int, data: torch.Tensor) -> int:
+    async def pwritev(self, path: Path, offset: int, datas: Sequence[torch.Tensor]) -> int:
         if offset == self.torn_offset:
-            await super().pwrite(path, offset, data[: data.numel() // 2])
+            header, data = datas
+            await super().pwritev(path, offset, [header, data[: data.numel() // 2]])
             print(f"torn {offset}", flush=True)
             await asyncio.sleep(3600)
-        return await super().pwrite(path, offset, data)
+        return await super().pwritev(path, offset, datas)
 
 
 async def _loop(store: DiskStore, slab_bytes: int, num_slabs: int) -> None:
@@ -78,7 +81,7 @@ async def _loop(store: DiskStore, slab_bytes: int, num_slabs: int) -> None:
 
 async def _torn(directory: Path, slab_bytes: int, num_slabs: int) -> None:
     victim = 3
-    fio: FileIO = _TearingIO(location_for(victim, slab_bytes).offset + HEADER_BYTES)
+    fio: FileIO = _TearingIO(location_for(victim, slab_bytes).offset)
     store = await DiskStore.open(directory, slab_bytes=slab_bytes, num_slabs=num_slabs, file_io=fio)
     for i in range(victim + 1):
         await store.write(NAMESPACE, key_for(i), location_for(i, slab_bytes), payload_for(i))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NUM_SLABS, SLAB_BYTES
 from io_crash_writer import NAMESPACE, key_for, location_for, payload_for
+from io_helpers import NUM_SLABS, SLAB_BYTES
 
 from kv_io.disk_store import DiskRecord, DiskStore
 

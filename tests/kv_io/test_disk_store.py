@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NUM_SLABS, SLAB_BYTES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from io_helpers import NUM_SLABS, SLAB_BYTES
 
 from kv_io.align import ALIGN, aligned_empty
 from kv_io.disk_format import HEADER_BYTES, CorruptBlockError, block_capacity
@@ -215,7 +215,7 @@ async def test_missing_slab_file_is_a_miss(store_dir: Path) -> None:
 
 async def test_io_error_is_a_counted_miss(store_dir: Path) -> None:
     class FailingReads(PosixFileIO):
-        async def pread(self, path, offset, out):
+        async def preadv(self, path, offset, outs):
             raise OSError(5, "Input/output error")
 
     fio = FailingReads(threads=2)
