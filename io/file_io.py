@@ -488,10 +488,26 @@ def kvikio_available() -> bool:
     return True
 
 
+def kvikio_gds_available() -> bool:
+    """True when KvikIO imports and would use GPUDirect Storage (not its POSIX compatibility mode)."""
+    if not kvikio_available():
+        return False
+    import kvikio.defaults
+
+    preferred = getattr(kvikio.defaults, "is_compat_mode_preferred", None)
+    return callable(preferred) and not preferred()
+
+
 def make_file_io(kind: str = "auto", *, threads: int | None = None, direct: bool = True) -> FileIO:
-    """The file I/O engine: "kvikio", "posix", or "auto" (KvikIO when importable, else POSIX)."""
+    """The file I/O engine: "kvikio", "posix", or "auto".
+
+    "auto" picks KvikIO where it has GPUDirect Storage (the drive DMAs into device memory), and POSIX otherwise.
+    Without GDS, KvikIO's compatibility mode is itself POSIX I/O in a thread pool, and on the lent H100 machine
+    (virtio disk, no GDS) it reached 0.74 of raw O_DIRECT on writes and 0.83 on reads against 1.01 and 0.97
+    for this module's POSIX engine (vectored header+payload requests, O_DIRECT for the aligned body).
+    """
     if kind == "auto":
-        kind = "kvikio" if kvikio_available() else "posix"
+        kind = "kvikio" if kvikio_gds_available() else "posix"
     if kind == "kvikio":
         return KvikioFileIO(threads=threads, direct=direct)
     if kind == "posix":

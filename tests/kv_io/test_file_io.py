@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kv_io.align import ALIGN, aligned_empty
 from kv_io.file_io import (
     PosixFileIO,
-    kvikio_available,
+    kvikio_gds_available,
     make_file_io,
     probe_direct_io,
     read_direct,
@@ -178,7 +178,7 @@ def test_sync_direct_references(tmp_path: Path) -> None:
         read_direct(path, 0, b"immutable")  # type: ignore[arg-type]
 
 
-def test_auto_picks_posix_without_kvikio() -> None:
+def test_auto_picks_kvikio_only_with_gds() -> None:
     fio = make_file_io("auto", threads=3)
-    assert fio.name == ("kvikio" if kvikio_available() else "posix")
+    assert fio.name == ("kvikio" if kvikio_gds_available() else "posix")
     asyncio.run(fio.close())
