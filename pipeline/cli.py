@@ -1,6 +1,7 @@
 """The `kvtier` command: one entry point, subcommands registered here.
 
-Benchmarks are imported only when run, so `kvtier --help` stays fast and works without optional extras.
+Benchmark modules (and the demo, in ``benchmarks/``) keep their heavy imports inside the functions that run
+them, so building the parser for ``kvtier --help`` stays cheap.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser("demo", help="the main job: a multi-session long-context workload with and without kvtier")
-    from kv_pipeline import demo as demo_module
+    from kv_benchmarks import demo as demo_module
 
     demo_module.add_arguments(demo)
     _add_bench(sub)
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from kv_pipeline import demo
+        from kv_benchmarks import demo
 
         return demo.main(args)
     if args.command == "bench":
