@@ -21,8 +21,11 @@ QUICK = dict(sessions=4, turns=3, system_tokens=256, document_tokens=1024, turn_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=["hf"], default="hf", help="the engine under kvtier")
+    from kv_benchmarks import e2e_lmdeploy
+
+    parser.add_argument("--engine", choices=["hf", "lmdeploy"], default="hf", help="the engine under kvtier")
     add_workload_arguments(parser)
+    e2e_lmdeploy.add_arguments(parser.add_argument_group("--engine lmdeploy (CUDA, LMDeploy 0.18)"))
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +101,10 @@ async def run_streaming(args: argparse.Namespace, *, progress: bool = False):
 
 
 def run(args: argparse.Namespace) -> Report:
+    if args.engine == "lmdeploy":
+        from kv_benchmarks import e2e_lmdeploy
+
+        return e2e_lmdeploy.run(args)
     results, summary, snapshot, config = asyncio.run(run_streaming(args))
     metrics = {
         k: summary[k]

@@ -15,9 +15,9 @@ parallel) and recompute the rest after; and Cake's both-at-once: recompute the f
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,6 +36,25 @@ class ModelShape:
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelShape.{name} must be positive")
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a transformers config, as an object or as the dict of its ``config.json``."""
+
+        def get(name: str, default: Any = None) -> Any:
+            value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+            return default if value is None else value
+
+        heads = get("num_attention_heads")
+        return cls(
+            layers=get("num_hidden_layers"),
+            hidden=get("hidden_size"),
+            intermediate=get("intermediate_size"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads", heads),
+            head_dim=get("head_dim", get("hidden_size") // heads),
+            vocab=get("vocab_size"),
+        )
 
     @classmethod
     def qwen2_7b(cls) -> ModelShape:
@@ -195,10 +214,19 @@ class CostBenefitModel:
     def load_seconds(self, tier: str, tokens: int) -> float:
         return self._tier(tier).seconds(tokens * self.bytes_per_token)
 
-    def plan(self, block_tiers: Sequence[str], block_tokens: int) -> LoadPlan:
-        """Choose for a matched prefix whose block ``i`` is held (fastest copy) by tier ``block_tiers[i]``."""
+    def plan(
+        self, block_tiers: Sequence[str], block_tokens: int, *, start_block: int = 0, allow_both: bool = True
+    ) -> LoadPlan:
+        """Choose for a matched prefix whose block ``i`` is held (fastest copy) by tier ``block_tiers[i]``.
+
+        ``start_block`` blocks before these are already in the engine (its own GPU prefix cache): positions,
+        and so the quadratic attention cost, start there. ``allow_both=False`` leaves Cake's split out, for an
+        engine that cannot compute the front of a prompt while the back of the same prompt loads.
+        """
         if block_tokens <= 0:
             raise ValueError("block_tokens must be positive")
+        if start_block < 0:
+            raise ValueError(f"start_block must be >= 0, got {start_block}")
         n = len(block_tiers)
         for t in set(block_tiers):
             self._tier(t)
@@ -210,7 +238,7 @@ class CostBenefitModel:
                 counts[name][i + 1] = counts[name][i] + (name == t)
 
         def compute(a: int, b: int) -> float:
-            return self.recompute_seconds(a * block_tokens, b * block_tokens)
+            return self.recompute_seconds((start_block + a) * block_tokens, (start_block + b) * block_tokens)
 
         def load(s: int, k: int) -> float:
             return max(self.load_seconds(name, (counts[name][k] - counts[name][s]) * block_tokens) for name in names)
@@ -223,6 +251,8 @@ class CostBenefitModel:
             t_load = load(0, k) + tail
             if t_load < best_load:
                 best_load, best_load_k = t_load, k
+            if not allow_both:
+                continue
             # Cake split: the front's compute grows with s, the loads of [s, k) shrink; find where they cross.
             s = bisect.bisect_left(range(k), True, key=lambda x, k=k: compute(0, x) >= load(x, k))
             for cand in (s - 1, s):

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+LAYOUT_VERSION = 1  # bump when the bytes of a block change meaning: caches of an older format then never match
+
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "half": torch.float16,

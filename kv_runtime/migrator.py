@@ -153,6 +153,7 @@ class KVMigrator:
             raise ValueError(f"disk_groups must be >= 1, got {disk_groups}")
         self.disk_groups = disk_groups
         self._device: dict[str, Any] | None = None
+        self._engine_pool: HBMPool | None = None
         self.stats: dict[str, DirectionStats] = {}
 
     # ------------------------------------------------------------------ public
@@ -170,6 +171,46 @@ class KVMigrator:
             if not isinstance(r, Residency):
                 raise TypeError(f"plans carry Residency records, got {type(r).__name__}")
         return MigrationHandle(plan, asyncio.get_running_loop().create_task(self._run(plan)))
+
+    async def copy_engine_cells(
+        self, to_host: bool, cells: Sequence[Slot], ddr_slots: Sequence[Slot], *, after: Any = None
+    ) -> float:
+        """Copy between cells the engine owns (``HBMPool.engine_cells``) and DDR slots; returns the seconds.
+
+        No residency changes here: the caller registers DDR slots it filled (a save) or tells the engine its
+        cells are ready (a load). ``after`` must be an event recorded on the engine's compute stream by the
+        caller's thread: copies out wait for the forward that wrote the cells, copies in wait for earlier
+        kernels that may still read the recycled cells.
+        """
+        require_cuda("copies to or from engine cells")
+        if len(cells) != len(ddr_slots):
+            raise ValueError(f"{len(cells)} cells but {len(ddr_slots)} DDR slots")
+        if not cells:
+            return 0.0
+        start = time.perf_counter()
+        await self._device_copy(to_host, list(cells), self._host_pieces(list(ddr_slots)), after)
+        seconds = time.perf_counter() - start
+        stats = self.stats.setdefault("HBM->DDR" if to_host else "DDR->HBM", DirectionStats())
+        stats.plans += 1
+        stats.blocks += len(cells)
+        stats.nbytes += sum(s.nbytes for s in ddr_slots)
+        stats.seconds += seconds
+        return seconds
+
+    def attach_engine_pool(self, pool: HBMPool) -> None:
+        """Use ``pool`` (an engine's own device cells) for device copies when the hierarchy has no HBM tier of
+        its own, as with LMDeploy, whose GPU prefix cache is the HBM tier."""
+        if Tier.HBM in self.hierarchy.pools:
+            raise ValueError("this hierarchy has an HBM tier of its own")
+        if self._device is not None:
+            raise RuntimeError("device copies have already started on another pool")
+        self._engine_pool = pool
+
+    def _hbm(self) -> HBMPool:
+        pool = self.hierarchy.pools.get(Tier.HBM) or self._engine_pool
+        if pool is None:
+            raise ValueError("no HBM tier and no engine pool attached: nothing to copy to or from on the device")
+        return pool
 
     def direction_stats(self) -> dict[str, dict[str, float]]:
         return {
@@ -341,7 +382,7 @@ class KVMigrator:
     def _cuda(self) -> dict[str, Any]:
         """Streams and the double device staging buffer, created once on first use."""
         if self._device is None:
-            hbm: HBMPool = self.hierarchy.pools[Tier.HBM]
+            hbm: HBMPool = self._hbm()
             bb = hbm.layout.block_bytes
             per = max(1, self.chunk_bytes // bb)
             self._device = {
@@ -364,7 +405,7 @@ class KVMigrator:
     ) -> None:
         """Gather+DMA (to_host) or DMA+scatter between HBM cells and host runs, chunk by chunk."""
         dev = self._cuda()
-        hbm: HBMPool = self.hierarchy.pools[Tier.HBM]
+        hbm: HBMPool = self._hbm()
         layout = hbm.layout
         bb, per = layout.block_bytes, dev["per_chunk"]
         copy, gather = dev["copy"], dev["gather"]
@@ -427,7 +468,7 @@ class KVMigrator:
         """HBM <-> disk through pinned staging buffers. Chunks run concurrently, bounded by the staging pool,
         so the device copy of one chunk overlaps the disk I/O of the next."""
         staging = self._staging_pool()
-        bb = self.hierarchy.pools[Tier.HBM].layout.block_bytes
+        bb = self._hbm().layout.block_bytes
         per = max(1, staging.buffer_bytes // bb)
 
         async def chunk(part: slice) -> list[Outcome]:
@@ -451,7 +492,7 @@ class KVMigrator:
 
     def _staging_pool(self) -> StagingPool:
         if self._staging is None:
-            bb = self.hierarchy.pools[Tier.HBM].layout.block_bytes
+            bb = self._hbm().layout.block_bytes
             per = max(1, self.chunk_bytes // bb)
             self._staging = StagingPool(per * bb, STAGING_BUFFERS)
         return self._staging

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kv_io.align import aligned_empty
+from kv_io.align import aligned_empty, round_up
 from kv_io.disk_format import ALIGN, block_capacity
 from kv_io.disk_store import DiskLocation, DiskStore
 from kv_runtime.extents import ExtentAllocator
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from kv_io.disk_store import DiskRecord
 
 HOST_ALIGN = 4096
+MAX_SLAB_BYTES = 256 << 20  # slab files of a sized disk pool
 log = logging.getLogger(__name__)
 
 
@@ -397,6 +398,14 @@ class DiskPool(_ExtentPool):
         pool.adopt_records(store.records())
         return pool
 
+    @classmethod
+    async def open_sized(cls, directory: Any, capacity_bytes: int, *, file_io: Any = None) -> DiskPool:
+        """:meth:`open` with ``capacity_bytes`` split into slab files of at most ``MAX_SLAB_BYTES``."""
+        if capacity_bytes <= 0:
+            raise ValueError(f"disk capacity must be > 0, got {capacity_bytes}")
+        slab = min(MAX_SLAB_BYTES, round_up(capacity_bytes, ALIGN))
+        return await cls.open(directory, slab_bytes=slab, num_slabs=-(-capacity_bytes // slab), file_io=file_io)
+
     def reserve_bytes(self, nbytes: int) -> int:
         return block_capacity(nbytes)
 
@@ -563,6 +572,20 @@ class HBMPool(KVPool):
         self._blocks = blocks_view(self.rows)
         self._free_ids = list(range(num_blocks))
         heapq.heapify(self._free_ids)
+
+    def engine_cells(self, ids: Sequence[int]) -> list[Slot]:
+        """Handles on cells the engine owns (its own block ids, e.g. LMDeploy's): for copies in and out only.
+
+        They are not this pool's allocations (no reference counts, no quota); the engine allocates and frees
+        the cells, and kvtier never registers them as copies of a block: HBM hits stay the engine's.
+        """
+        bb = self.layout.block_bytes
+        out = []
+        for i in ids:
+            if isinstance(i, bool) or not 0 <= int(i) < self.num_blocks:
+                raise ValueError(f"cell id {i!r} is outside this pool's {self.num_blocks} cells")
+            out.append(Slot(Tier.HBM, 0, int(i), bb, bb))
+        return out
 
     def gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         """Blocks ``ids`` (a device int64 tensor) into ``out`` ``[len(ids), num_layers, layer_block_bytes]``,

@@ -38,7 +38,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_module.add_arguments(demo)
     _add_bench(sub)
+    serve = sub.add_parser(
+        "serve", help="LMDeploy's OpenAI-compatible server with kvtier's DDR and disk tiers under its prefix cache"
+    )
+    serve.add_argument("model", help="model directory")
+    serve.add_argument("--config", type=Path, help="kvtier settings file (TOML or JSON); KVTIER_* variables apply")
+    serve.add_argument("--ddr-bytes", help="DDR tier size, e.g. 32GiB")
+    serve.add_argument("--disk-bytes", help="disk tier size, e.g. 200GiB (0: no disk tier)")
+    serve.add_argument("--cache-dir", type=Path, help="directory of the disk tier")
+    serve.add_argument("--write-mode", choices=["write-through", "selective"], help="when blocks go to disk")
+    serve.add_argument("--block-size", type=int, help="tokens per block (LMDeploy's block_size)")
+    serve.add_argument("--dtype", help="model dtype: auto, bfloat16, float16")
+    serve.add_argument("--session-len", type=int, help="longest prompt plus output, in tokens")
+    serve.add_argument("--cache-max-entry-count", type=float, help="share of free GPU memory for LMDeploy's KV")
+    serve.add_argument("--server-name", default="0.0.0.0")
+    serve.add_argument("--server-port", type=int, default=23333)
     return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start LMDeploy's OpenAI-compatible server on its PyTorch engine with kvtier's connector installed."""
+    from kv_pipeline.config import KVTierConfig
+    from kv_pipeline.lmdeploy_engine import engine_config
+    from kv_runtime.backends.lmdeploy_connector import install
+
+    install()
+    from lmdeploy.serve.openai.api_server import serve as lmdeploy_serve
+
+    overrides = {
+        "ddr_bytes": args.ddr_bytes,
+        "disk_bytes": args.disk_bytes,
+        "cache_dir": args.cache_dir,
+        "write_mode": args.write_mode,
+        "block_size": args.block_size,
+        "dtype": args.dtype,
+    }
+    config = KVTierConfig.load(args.config, model=args.model, engine="lmdeploy", **overrides)
+    options = {"session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count}
+    backend_config = engine_config(config, **{k: v for k, v in options.items() if v is not None})
+    lmdeploy_serve(
+        args.model,
+        backend="pytorch",
+        backend_config=backend_config,
+        server_name=args.server_name,
+        server_port=args.server_port,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kv_benchmarks import demo
 
         return demo.main(args)
+    if args.command == "serve":
+        return serve(args)
     if args.command == "bench":
         report = args.run(args)
         paths = write_report(report, args.out)

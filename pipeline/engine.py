@@ -23,9 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
-from kv_io.align import ALIGN, round_up
 from kv_pipeline.config import KVTierConfig
 from kv_pipeline.contexts import ContextRegistry, SharedContext
 from kv_pipeline.metrics import PipelineMetrics
@@ -33,10 +31,8 @@ from kv_pipeline.scheduler import Request, RequestMetrics, Scheduler
 from kv_policy import CostBenefitModel, MigrationPolicy, ModelShape, TierLink
 from kv_runtime import DDRPool, DiskPool, HierarchyManager, KVMigrator, Tier
 from kv_runtime.backends.hf_backend import HFModel
-from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace
-
-LAYOUT_VERSION = 1  # bump when the bytes of a block change meaning: old caches then never match
-MAX_SLAB_BYTES = 256 << 20
+from kv_runtime.layout import LAYOUT_VERSION
+from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, model_fingerprint
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -52,34 +48,6 @@ class GenerationOutput:
     metrics: RequestMetrics | None = None
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Config plus a cheap weights fingerprint (sizes, and the first and last MiB of every weight file)."""
-    h = xxhash.xxh3_128()
-    h.update((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f.name.encode() + size.to_bytes(8, "little"))
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return f"{model_dir.name}@{h.hexdigest()}"
-
-
-def _model_shape(model: HFModel) -> ModelShape:
-    """The numbers of the model config that set prefill FLOPs."""
-    layout, config = model.layout, model.config
-    return ModelShape(
-        layers=layout.num_layers,
-        hidden=config.hidden_size,
-        intermediate=config.intermediate_size,
-        heads=config.num_attention_heads,
-        kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim,
-        vocab=config.vocab_size,
-    )
-
-
 def _measure_copy_gbps(nbytes: int = 64 << 20) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -92,22 +60,40 @@ def _measure_copy_gbps(nbytes: int = 64 << 20) -> float:
 class KVTierEngine:
     """A model with kvtier's KV tiers underneath. Use as ``async with``; one per model and cache directory."""
 
-    def __init__(self, config: KVTierConfig) -> None:
+    def __new__(cls, config: KVTierConfig, **engine_options: Any):
+        """``engine="lmdeploy"`` gives LMDeploy's engine with kvtier as its KV store (same async API)."""
+        if cls is KVTierEngine and config.engine == "lmdeploy":
+            from kv_pipeline.lmdeploy_engine import LMDeployKVTierEngine
+
+            return LMDeployKVTierEngine(config, **engine_options)
+        return super().__new__(cls)
+
+    def __init__(self, config: KVTierConfig, **engine_options: Any) -> None:
         if not config.model:
             raise ValueError("KVTierConfig.model must name a model directory")
-        if config.engine != "hf":
-            raise ValueError(f"engine {config.engine!r} is not available in this build; use engine='hf'")
+        if engine_options:
+            raise ValueError(f"engine options {sorted(engine_options)} apply to engine='lmdeploy' only")
         self.config = config
         self.metrics = PipelineMetrics()
         self._started = False
         self._context_pins: dict[str, list[BlockNode]] = {}
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, config: KVTierConfig | None = None, **overrides: Any) -> KVTierEngine:
-        """From a model directory; ``overrides`` are configuration keys (e.g. ``ddr_bytes="2GiB"``)."""
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        config: KVTierConfig | None = None,
+        *,
+        engine_options: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> KVTierEngine:
+        """From a model directory; ``overrides`` are configuration keys (e.g. ``ddr_bytes="2GiB"``),
+        ``engine_options`` further LMDeploy engine settings when ``engine="lmdeploy"``."""
         if config is None:
-            return cls(KVTierConfig.load(model=str(model), **overrides))
-        return cls(config.replace(model=str(model), **overrides))
+            config = KVTierConfig.load(model=str(model), **overrides)
+        else:
+            config = config.replace(model=str(model), **overrides)
+        return cls(config, **(engine_options or {}))
 
     async def __aenter__(self) -> KVTierEngine:
         await self.start()
@@ -138,15 +124,13 @@ class KVTierEngine:
             raise ValueError("the transformers engine restores through host memory: ddr_bytes must be > 0")
         pools: dict[Tier, Any] = {Tier.DDR: DDRPool(cfg.ddr_bytes)}
         if cfg.disk_bytes:
-            slab = min(MAX_SLAB_BYTES, round_up(cfg.disk_bytes, ALIGN))
-            num_slabs = -(-cfg.disk_bytes // slab)
-            pools[Tier.DISK] = await DiskPool.open(cfg.cache_dir / "blocks", slab_bytes=slab, num_slabs=num_slabs)
+            pools[Tier.DISK] = await DiskPool.open_sized(cfg.cache_dir / "blocks", cfg.disk_bytes)
         self.hierarchy = HierarchyManager(pools)
         if Tier.DISK in pools:
             self.hierarchy.adopt_disk()
         self.migrator = KVMigrator(self.hierarchy)
         self.cost = CostBenefitModel(
-            _model_shape(self.model),
+            ModelShape.from_config(self.model.config),
             bytes_per_token=layout.bytes_per_token,
             tiers=[TierLink("ddr", _measure_copy_gbps(), 0.05), TierLink("disk", 1.0, 0.5)],
             prefill_tflops=await asyncio.to_thread(self._calibrate_prefill_tflops),
@@ -177,7 +161,7 @@ class KVTierEngine:
         start = time.perf_counter()
         self.model.prefill(ids, self.model.new_cache())
         seconds = time.perf_counter() - start
-        return _model_shape(self.model).prefill_flops(0, n) / seconds / 1e12
+        return ModelShape.from_config(self.model.config).prefill_flops(0, n) / seconds / 1e12
 
     async def close(self) -> None:
         if not self._started:

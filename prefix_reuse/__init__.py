@@ -14,7 +14,7 @@ from prefix_reuse.index import (
 from prefix_reuse.keys import BlockKeyer, RequestKeys, as_token_array
 from prefix_reuse.matcher import Hit, MatchResult, PrefixMatcher
 from prefix_reuse.metrics import PrefixReuseMetrics
-from prefix_reuse.namespace import KeyNamespace
+from prefix_reuse.namespace import KeyNamespace, model_fingerprint
 
 __all__ = [
     "BlockKeyer",
@@ -31,4 +31,5 @@ __all__ = [
     "RequestKeys",
     "StaleNodeError",
     "as_token_array",
+    "model_fingerprint",
 ]

@@ -10,6 +10,7 @@ is stable across processes and machines and can name blocks on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import orjson
 import xxhash
@@ -55,3 +56,19 @@ class KeyNamespace:
         object.__setattr__(self, "digest", xxhash.xxh3_128_digest(b"kvtier-ns\x00" + canonical))
         # The confirmation hash (XXH64, a different algorithm from the XXH3 keys) gets its own seed.
         object.__setattr__(self, "check_seed", xxhash.xxh64_intdigest(b"kvtier-check\x00" + canonical))
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A model's identity for ``KeyNamespace.model_id``: its config plus a cheap weights fingerprint (file
+    names and sizes, and the first and last MiB of every weight file), so that changed weights never match."""
+    model_dir = Path(model_dir)
+    h = xxhash.xxh3_128()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f.name.encode() + size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return f"{model_dir.name}@{h.hexdigest()}"

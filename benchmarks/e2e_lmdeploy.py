@@ -1,0 +1,422 @@
+"""End to end on LMDeploy: long-context TTFT per tier, decode overhead, a multi-tenant workload, correctness.
+
+Runs ``kvtier bench e2e --engine lmdeploy`` on a CUDA machine with LMDeploy 0.18. A Qwen2-7B-shape model with
+random weights (bf16) is built once per run. Every figure is measured in the same run as its reference:
+
+- Per prompt length (32K, 64K, 128K by default; the last 128 tokens of every prompt are new): TTFT from
+  scratch; with the prefix in LMDeploy's GPU prefix cache; with it only in kvtier's DDR tier (LMDeploy's GPU
+  cache emptied first); only on disk (DDR copies dropped; reads are O_DIRECT, so the page cache is bypassed,
+  not dropped), loaded in full; and on disk with the cost model's plan (load, recompute, or Cake's split of
+  recomputing the front while the back streams in). The DDR bar is the GPU-cache-hit TTFT plus 1.2x the
+  prefix's bytes over the raw pinned host-to-device bandwidth measured in this run.
+- Logits after a DDR and a disk restore against LMDeploy's own full prefill of the same prompt.
+- Decode time per output token with the connector on vs an engine without it (a subprocess, so that each
+  engine has the GPU to itself), and a multi-tenant workload: sessions cycling through 32K contexts whose
+  working set exceeds LMDeploy's GPU block pool but fits in DDR, with kvtier vs LMDeploy's prefix cache alone.
+  The first round (every context seen once) warms both up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kv_benchmarks.report import Report
+
+NEW_TOKENS = 128
+FULL = dict(
+    lengths="32768,65536,131072", mt_sessions=10, mt_rounds=3, hbm_blocks=2600, tpot_prompt=4096, tpot_tokens=256
+)
+QUICK = dict(lengths="8192,16384", mt_sessions=6, mt_rounds=2, hbm_blocks=700, tpot_prompt=1024, tpot_tokens=64)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, value in FULL.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", help=f"default {value} ({QUICK[name]} quick)")
+    parser.add_argument("--lmdeploy-shape", default="qwen2-7b", help="shape of the built model")
+    parser.add_argument("--ddr-gib", type=float, default=40.0, help="kvtier DDR tier (pinned host memory)")
+    parser.add_argument("--disk-gib", type=float, default=40.0, help="kvtier disk tier")
+    parser.add_argument("--concurrency", type=int, default=2, help="clients of the multi-tenant workload")
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    base = QUICK if args.quick else FULL
+    p = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
+    p["lengths"] = [int(x) for x in str(p["lengths"]).split(",")]
+    for k in ("mt_sessions", "mt_rounds", "hbm_blocks", "tpot_prompt", "tpot_tokens"):
+        p[k] = int(p[k])
+    p["mt_length"] = 8192 if args.quick else 32768
+    return p
+
+
+def _rand(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
+    return rng.integers(100, vocab - 100, size=n).tolist()
+
+
+def _contexts(seed: int, sessions: int, length: int, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed + 7)
+    return [_rand(rng, length - NEW_TOKENS, vocab) for _ in range(sessions)]
+
+
+def _engine_options(p: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        session_len=max(p["lengths"]) + 1024,
+        num_gpu_blocks=p["hbm_blocks"],
+        max_batch_size=8,
+        eager_mode=False,
+    )
+
+
+async def _ttft(stream, *, max_new_tokens: int = 1) -> tuple[float, Any]:
+    """Seconds to the first generated token, and the last output (its logits, if asked for)."""
+    t0 = time.perf_counter()
+    first = None
+    last = None
+    async for out in stream:
+        if out.token_ids and first is None:
+            first = time.perf_counter() - t0
+        last = out
+    if first is None:
+        raise RuntimeError("no token came back")
+    return first, last
+
+
+async def _multitenant(run_one, contexts, rounds: int, concurrency: int, vocab: int, seed: int) -> dict[str, Any]:
+    """Sessions cycle through their contexts; round 0 warms up and is not counted."""
+    rng = np.random.default_rng(seed + 11)
+    order = [(r, s) for r in range(rounds) for s in range(len(contexts))]
+    prompts = {(r, s): contexts[s] + _rand(rng, NEW_TOKENS, vocab) for r, s in order}
+    warm = [key for key in order if key[0] == 0]
+    timed = [key for key in order if key[0] > 0]
+    for key in warm:
+        await run_one(prompts[key])
+    queue = list(timed)
+    ttfts: list[float] = []
+
+    async def client() -> None:
+        while queue:
+            key = queue.pop(0)
+            ttfts.append(await run_one(prompts[key]))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {
+        "requests": len(ttfts),
+        "ttft_p50_ms": float(np.percentile(ttfts, 50) * 1e3),
+        "ttft_p99_ms": float(np.percentile(ttfts, 99) * 1e3),
+        "requests_per_s": len(ttfts) / wall,
+    }
+
+
+async def _tpot(run_decode, prompt: list[int], tokens: int, repeats: int = 3) -> float:
+    """Median seconds per output token after the first, over ``repeats`` runs of the same request."""
+    out = []
+    for _ in range(repeats):
+        out.append(await run_decode(prompt, tokens))
+    return statistics.median(out)
+
+
+# ---------------------------------------------------------------------------------------------- baseline engine
+
+
+async def _baseline(model_dir: str, p: dict[str, Any], seed: int, concurrency: int, vocab: int) -> dict[str, Any]:
+    """LMDeploy with its own GPU prefix cache only (no connector): TPOT and the multi-tenant workload."""
+    from lmdeploy import PytorchEngineConfig
+    from lmdeploy.pytorch.engine import Engine
+
+    engine = Engine.from_pretrained(
+        model_dir,
+        PytorchEngineConfig(enable_prefix_caching=True, dtype="bfloat16", **_engine_options(p)),
+    )
+    engine.start_loop()
+    inst = engine.create_instance()
+    ids = iter(range(1, 1 << 30))
+    run_one, run_decode = _runners(lambda toks, gen: inst.async_stream_infer(next(ids), toks, gen_config=gen))
+    rng = np.random.default_rng(seed + 3)
+    await run_one(_rand(rng, 2048, vocab))  # warm-up
+    tpot = await _tpot(run_decode, _rand(rng, p["tpot_prompt"], vocab), p["tpot_tokens"])
+    contexts = _contexts(seed, p["mt_sessions"], p["mt_length"], vocab)
+    mt = await _multitenant(run_one, contexts, p["mt_rounds"], concurrency, vocab, seed)
+    engine.close()
+    return {"tpot_s": tpot, "multitenant": mt}
+
+
+def _runners(stream_fn):
+    from lmdeploy import GenerationConfig
+
+    async def run_one(tokens: list[int]) -> float:
+        seconds, _ = await _ttft(stream_fn(tokens, GenerationConfig(max_new_tokens=8)))
+        return seconds
+
+    async def run_decode(tokens: list[int], n: int) -> float:
+        first = None
+        count = 0
+        async for out in stream_fn(tokens, GenerationConfig(max_new_tokens=n, ignore_eos=True)):
+            if out.token_ids and first is None:
+                first = time.perf_counter()
+            count += len(out.token_ids)
+        if first is None or count < 2:
+            raise RuntimeError("decode produced fewer than 2 tokens")
+        return (time.perf_counter() - first) / (count - 1)
+
+    return run_one, run_decode
+
+
+# ---------------------------------------------------------------------------------------------- kvtier engine
+
+
+def _raw_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """One pinned host buffer to one device buffer, median of ``repeats`` (the DDR bar's bandwidth)."""
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    times = []
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record()
+            dev.copy_(host, non_blocking=True)
+            end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def _raw_disk_read_gbps(directory: Path, nbytes: int = 1 << 30) -> float:
+    """An O_DIRECT read of a file in the cache directory: the disk tier's raw speed (the cost model's prior)."""
+    from kv_io.align import aligned_empty
+    from kv_io.file_io import read_direct, write_direct
+
+    path = directory / "raw-read.bin"
+    buf = aligned_empty(nbytes)
+    buf.fill_(7)
+    write_direct(path, 0, buf)
+    start = time.perf_counter()
+    read_direct(path, 0, buf)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return nbytes / seconds / 1e9
+
+
+async def _kvtier(model_dir: Path, work: Path, p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from kv_pipeline.config import KVTierConfig
+    from kv_pipeline.lmdeploy_engine import LMDeployKVTierEngine
+    from kv_runtime import Tier
+
+    cache_dir = work / "lmdeploy-cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    disk_gbps = _raw_disk_read_gbps(cache_dir)
+    h2d_gbps = _raw_h2d_gbps()
+    config = KVTierConfig(
+        model=str(model_dir),
+        engine="lmdeploy",
+        dtype="bfloat16",
+        ddr_bytes=int(args.ddr_gib * 2**30),
+        disk_bytes=int(args.disk_gib * 2**30),
+        cache_dir=cache_dir,
+        write_mode="write-through",
+    )
+    eng = LMDeployKVTierEngine(config, **_engine_options(p))
+    await eng.start()
+    store = eng.store
+    for link, gbps in (("disk", disk_gbps), ("ddr", h2d_gbps)):
+        store.cost.tiers[link].bandwidth_gbps = gbps
+    bpt = store.layout.bytes_per_token
+    from lmdeploy import GenerationConfig
+
+    def stream(tokens: list[int], gen) -> Any:
+        return eng._stream(tokens, gen)
+
+    async def case(tokens: list[int], *, gpu: bool = False, ddr: bool = True, logits: bool = False) -> tuple:
+        store.wait_idle()
+        if not gpu:
+            eng.evict_gpu_prefix_cache()
+        if not ddr:
+            store.drop_tier(Tier.DDR)
+        gen = GenerationConfig(max_new_tokens=1, output_logits="generation" if logits else None)
+        before = store.snapshot()["loaded_blocks"]
+        seconds, last = await _ttft(stream(tokens, gen))
+        after = store.snapshot()["loaded_blocks"]
+        loaded = {k: after[k] - before[k] for k in after}
+        out_logits = last.logits[0].float().cpu() if logits and last.logits is not None else None
+        return seconds * 1e3, loaded, out_logits
+
+    rng = np.random.default_rng(args.seed)
+    await _ttft(stream(_rand(rng, 2048, vocab), GenerationConfig(max_new_tokens=1)))  # warm-up
+    ttft: dict[str, dict[str, float]] = {}
+    diffs: dict[str, dict[str, float]] = {}
+    rows = []
+    for length in p["lengths"]:
+        prefix = _rand(rng, length - NEW_TOKENS, vocab)
+        prompts = [prefix + _rand(rng, NEW_TOKENS, vocab) for _ in range(5)]
+        t: dict[str, float] = {}
+        t["scratch"], _, ref_logits = await case(prompts[0], logits=True)
+        store.cost.prefill_flops_per_s = store.cost.shape.prefill_flops(0, length) / (t["scratch"] / 1e3)
+        t["gpu_prefix_cache"], _, _ = await case(prompts[1], gpu=True)
+        t["ddr"], ddr_loaded, _ = await case(prompts[2])
+        store.always_load = True
+        t["disk"], disk_loaded, _ = await case(prompts[3], ddr=False)
+        _, _, ddr_logits = await case(prompts[0], logits=True)
+        _, _, disk_logits = await case(prompts[0], ddr=False, logits=True)
+        store.always_load = False
+        store.wait_idle()
+        eng.evict_gpu_prefix_cache()
+        store.drop_tier(Tier.DDR)
+        split_out = None
+        t0 = time.perf_counter()
+        async for _, m, _ in eng.generate(prompts[4], max_new_tokens=1, split=True):
+            split_out = m
+        t["disk_split"] = (time.perf_counter() - t0) * 1e3
+        ttft[str(length)] = t
+        diffs[str(length)] = {
+            "ddr": float((ddr_logits - ref_logits).abs().max()),
+            "disk": float((disk_logits - ref_logits).abs().max()),
+        }
+        prefix_bytes = (len(prefix) // store.block_size) * store.block_size * bpt
+        rows.append(
+            {
+                "length": length,
+                **{f"ttft_{k}_ms": v for k, v in t.items()},
+                "ddr_bar_ms": t["gpu_prefix_cache"] + 1.2 * prefix_bytes / (h2d_gbps * 1e9) * 1e3,
+                "ddr_blocks_loaded": ddr_loaded["ddr"],
+                "disk_blocks_loaded": disk_loaded["disk"],
+                "split_plan": split_out.plan if split_out is not None else "none",
+                "logits_ref_absmax": float(ref_logits.abs().max()),
+                "argmax_equal_ddr": int(ddr_logits.argmax() == ref_logits.argmax()),
+                "argmax_equal_disk": int(disk_logits.argmax() == ref_logits.argmax()),
+                "logits_max_abs_diff_ddr": diffs[str(length)]["ddr"],
+                "logits_max_abs_diff_disk": diffs[str(length)]["disk"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    run_one, run_decode = _runners(stream)
+    tpot = await _tpot(run_decode, _rand(rng, p["tpot_prompt"], vocab), p["tpot_tokens"])
+    store.wait_idle()
+    contexts = _contexts(args.seed, p["mt_sessions"], p["mt_length"], vocab)
+    mt = await _multitenant(run_one, contexts, p["mt_rounds"], args.concurrency, vocab, args.seed)
+    snapshot = store.snapshot()
+    await eng.close()
+    torch.cuda.empty_cache()
+    return {
+        "ttft": ttft,
+        "logits": diffs,
+        "rows": rows,
+        "tpot_s": tpot,
+        "multitenant": mt,
+        "raw_pinned_h2d_GBps": h2d_gbps,
+        "raw_disk_read_GBps": disk_gbps,
+        "store": snapshot,
+        "bytes_per_token": bpt,
+    }
+
+
+def _model(work: Path, shape: str, lengths: list[int]) -> Path:
+    from kv_benchmarks.models import build_model_dir
+
+    return build_model_dir(
+        work / f"model-{shape}-bf16",
+        shape,
+        dtype="bfloat16",
+        device="cuda",
+        max_position_embeddings=max(lengths) + 4096,
+    )
+
+
+def run(args: argparse.Namespace) -> Report:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench e2e --engine lmdeploy needs a CUDA device and LMDeploy 0.18")
+    p = _params(args)
+    work = Path(args.work_dir)
+    model_dir = _model(work, args.lmdeploy_shape, p["lengths"])
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    # The engine without the connector runs first, in its own process: each engine has the GPU to itself.
+    baseline_out = work / "lmdeploy-baseline.json"
+    cmd = [sys.executable, "-m", "kv_benchmarks.e2e_lmdeploy", str(model_dir), json.dumps(p), str(args.seed)]
+    cmd += [str(args.concurrency), str(vocab), str(baseline_out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = json.loads(baseline_out.read_text())
+    ours = asyncio.run(_kvtier(model_dir, work, p, args))
+
+    lengths = [str(n) for n in p["lengths"]]
+    ttft = ours["ttft"]
+    bars = {}
+    for row in ours["rows"]:
+        n = str(row["length"])
+        fastest = min(ttft[n]["scratch"], ttft[n]["disk"])
+        bars[n] = {
+            "ddr_within_bar": ttft[n]["ddr"] <= row["ddr_bar_ms"],
+            "disk_split_within_1.1x_of_faster": ttft[n]["disk_split"] <= 1.1 * fastest,
+            "disk_split_beats_both": ttft[n]["disk_split"] < fastest,
+        }
+    mt_ratio = base["multitenant"]["ttft_p99_ms"] / ours["multitenant"]["ttft_p99_ms"]
+    metrics = {
+        "ttft_ms": ttft,
+        "raw_pinned_h2d_GBps": ours["raw_pinned_h2d_GBps"],
+        "tpot_ratio": ours["tpot_s"] / base["tpot_s"],
+        "multitenant_p99_ttft_ms": {
+            "kvtier": ours["multitenant"]["ttft_p99_ms"],
+            "lmdeploy": base["multitenant"]["ttft_p99_ms"],
+        },
+        "multitenant_p50_ttft_ms": {
+            "kvtier": ours["multitenant"]["ttft_p50_ms"],
+            "lmdeploy": base["multitenant"]["ttft_p50_ms"],
+        },
+        "multitenant_requests_per_s": {
+            "kvtier": ours["multitenant"]["requests_per_s"],
+            "lmdeploy": base["multitenant"]["requests_per_s"],
+        },
+        "multitenant_p99_speedup": mt_ratio,
+        "logits_max_abs_diff": ours["logits"],
+        "bars": bars,
+        "store": ours["store"],
+    }
+    reference = {
+        "scratch": "the same engine, a prompt it has never seen (full prefill)",
+        "gpu_prefix_cache": "LMDeploy's own GPU prefix cache holding the prefix",
+        "raw_pinned_h2d_GBps": ours["raw_pinned_h2d_GBps"],
+        "raw_disk_read_GBps": ours["raw_disk_read_GBps"],
+        "tpot_s": {"kvtier": ours["tpot_s"], "lmdeploy": base["tpot_s"]},
+        "multitenant": "the same workload on LMDeploy without the connector (its GPU prefix cache only)",
+        "logits": "LMDeploy's full prefill of the same prompt, first generated token's logits (bf16)",
+    }
+    notes = [
+        f"Prompt lengths {', '.join(lengths)}; the last {NEW_TOKENS} tokens of every prompt are new.",
+        "disk: O_DIRECT reads bypass the page cache (not dropped); every DDR copy is dropped first and LMDeploy's "
+        "GPU prefix cache emptied; 'disk' loads in full, 'disk_split' follows the cost model (plan in the rows).",
+        f"LMDeploy's GPU pool: {p['hbm_blocks']} blocks; multi-tenant: {p['sessions']} sessions x "
+        f"{p['mt_length']}-token contexts, {p['rounds']} rounds (the first one warms up and is not counted), "
+        f"{args.concurrency} clients.",
+    ]
+    config = {**p, "shape": args.lmdeploy_shape, "ddr_gib": args.ddr_gib, "disk_gib": args.disk_gib}
+    return Report("e2e_lmdeploy", metrics, reference, ours["rows"], notes, config)
+
+
+def _baseline_main(argv: list[str]) -> None:
+    model_dir, p_json, seed, concurrency, vocab, out = argv
+    result = asyncio.run(_baseline(model_dir, json.loads(p_json), int(seed), int(concurrency), int(vocab)))
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _baseline_main(sys.argv[1:])

@@ -1,0 +1,162 @@
+"""kvtier's connector inside LMDeploy's real PyTorch engine (CUDA and LMDeploy 0.18 only).
+
+One engine for the module (a reduced Qwen2 in bf16, eager mode): restores from DDR and from disk must give
+the logits of LMDeploy's own full prefill, a corrupt disk block must become a recompute (counted), and the
+patch must be idempotent and refuse versions it does not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("lmdeploy") is None, reason="needs LMDeploy"),
+]
+
+TOL = 0.05  # bf16 logits through different attention paths (full prefill vs prefill over restored blocks)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, loop):
+    from kv_benchmarks.models import build_model_dir
+    from kv_pipeline import KVTierEngine
+
+    work = tmp_path_factory.mktemp("lmdeploy")
+    model = build_model_dir(work / "model", "qwen2-tiny", dtype="bfloat16", device="cuda", peaked=True)
+    eng = KVTierEngine.from_pretrained(
+        model,
+        engine="lmdeploy",
+        dtype="bfloat16",
+        ddr_bytes="1GiB",
+        disk_bytes="1GiB",
+        cache_dir=work / "cache",
+        write_mode="write-through",
+        engine_options={"eager_mode": True, "session_len": 8192, "num_gpu_blocks": 256},
+    )
+    loop.run_until_complete(eng.start())
+    yield eng
+    loop.run_until_complete(eng.close())
+
+
+def _prompt(seed: int, n: int = 1000) -> list[int]:
+    return np.random.default_rng(seed).integers(10, 8000, size=n).tolist()
+
+
+def _logits(engine, loop, tokens, *, gpu: bool = False, drop_ddr: bool = False) -> torch.Tensor:
+    from kv_runtime import Tier
+
+    engine.store.wait_idle()
+    if not gpu:
+        engine.evict_gpu_prefix_cache()
+    if drop_ddr:
+        engine.store.drop_tier(Tier.DDR)
+    logits, _ = loop.run_until_complete(engine.prompt_logits(tokens, split=False))
+    return logits
+
+
+def test_install_is_idempotent_and_patches_every_import():
+    import lmdeploy.pytorch.engine.engine as engine_mod
+    import lmdeploy.pytorch.engine.model_agent.agent as agent_mod
+    import lmdeploy.pytorch.kv_connector.factory as factory
+
+    from kv_runtime.backends.lmdeploy_connector import install, installed
+
+    install()
+    first = factory.build_kv_connector
+    install()
+    assert factory.build_kv_connector is first and installed()
+    assert engine_mod.build_kv_connector is first and agent_mod.build_kv_connector is first
+
+
+def test_unsupported_version_is_refused(monkeypatch):
+    import lmdeploy
+
+    from kv_runtime.backends.lmdeploy_connector import check_version
+
+    monkeypatch.setattr(lmdeploy, "__version__", "0.17.2")
+    with pytest.raises(RuntimeError, match="not supported"):
+        check_version()
+
+
+def test_ddr_and_disk_restores_match_full_prefill(engine, loop):
+    from kv_runtime import Tier
+
+    tokens = _prompt(1)
+    store = engine.store
+    ref = _logits(engine, loop, tokens)
+    store.wait_idle()
+    assert store.stats.saved_blocks >= len(tokens) // store.block_size - 1
+    assert store.hierarchy.blocks_in(Tier.DISK), "write-through left nothing on disk"
+
+    before = dict(store.stats.loaded_blocks)
+    from_ddr = _logits(engine, loop, tokens)
+    assert store.stats.loaded_blocks["ddr"] > before["ddr"]
+    assert float((from_ddr - ref).abs().max()) <= TOL
+    assert int(from_ddr.argmax()) == int(ref.argmax())
+
+    store.always_load = True
+    try:
+        from_disk = _logits(engine, loop, tokens, drop_ddr=True)
+    finally:
+        store.always_load = False
+    assert store.stats.loaded_blocks["disk"] > before["disk"]
+    assert float((from_disk - ref).abs().max()) <= TOL
+
+
+def test_gpu_prefix_cache_hits_stay_lmdeploys(engine, loop):
+    tokens = _prompt(2)
+    engine.store.wait_idle()
+    ref = _logits(engine, loop, tokens)
+    before = dict(engine.store.stats.loaded_blocks)
+    again = _logits(engine, loop, tokens, gpu=True)
+    assert engine.store.stats.loaded_blocks == before  # LMDeploy served the prefix itself
+    assert float((again - ref).abs().max()) <= TOL
+
+
+def test_corrupt_disk_block_is_recomputed_and_counted(engine, loop):
+    from kv_runtime import Tier
+
+    tokens = _prompt(3)
+    store = engine.store
+    ref = _logits(engine, loop, tokens)
+    store.wait_idle()
+    nodes = store.hierarchy.match(store.keyer.request(np.asarray(tokens[:640], dtype=np.int32)))
+    slot = nodes[2].payload.copies[Tier.DISK]
+    path = store.hierarchy.pool(Tier.DISK).store.slab_path(slot.arena)
+    with open(path, "r+b") as f:  # overwrite payload bytes of the third block on disk
+        f.seek(slot.offset + 4096 + 100)
+        f.write(b"\xff" * 64)
+    misses = store.stats.load_misses
+    store.always_load = True
+    try:
+        got = _logits(engine, loop, tokens, drop_ddr=True)
+    finally:
+        store.always_load = False
+    assert store.stats.load_misses > misses
+    assert float((got - ref).abs().max()) <= TOL
+
+
+def test_generate_streams_tokens(engine, loop):
+    async def collect():
+        out, metrics = [], None
+        async for ids, m, _ in engine.generate(_prompt(4, 300), max_new_tokens=8):
+            out.extend(ids)
+            metrics = m
+        return out, metrics
+
+    tokens, metrics = loop.run_until_complete(collect())
+    assert len(tokens) == 8 and metrics.output_tokens == 8 and metrics.ttft_ms > 0
