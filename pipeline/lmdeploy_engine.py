@@ -12,6 +12,7 @@ Needs a CUDA machine and LMDeploy 0.18 (``pip install 'kvtier[lmdeploy]'``).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -74,12 +75,14 @@ class LMDeployKVTierEngine:
     """The async API over LMDeploy: ``generate``, ``prefill``, ``prompt_logits``, ``metrics_snapshot``."""
 
     def __init__(self, config: KVTierConfig, **engine_options: Any) -> None:
+        """``engine_options`` are ``PytorchEngineConfig`` fields; ``logprobs_mode`` defaults to raw logits so
+        that ``prompt_logits`` returns logits."""
         if config.engine != "lmdeploy":
             raise ValueError(f"this engine runs LMDeploy; got engine={config.engine!r}")
         if not config.model:
             raise ValueError("KVTierConfig.model must name a model directory")
         self.config = config
-        self.engine_options = engine_options
+        self.engine_options = {"logprobs_mode": "raw_logits", **engine_options}
         self.metrics = PipelineMetrics()
         self._session_ids = itertools.count(1)
         self._started = False
@@ -116,6 +119,7 @@ class LMDeployKVTierEngine:
         self._started = False
         self.store.wait_idle()
         self.engine.close()
+        await asyncio.sleep(0.5)  # the engine's loop tasks end on this loop
         self.store.close()
 
     @property
@@ -148,12 +152,14 @@ class LMDeployKVTierEngine:
         max_new_tokens: int = 32,
         session_id: str = "default",
         split: bool = True,
-        output_logits: bool = False,
+        top_logits: int = 0,
     ) -> AsyncIterator[tuple[list[int], RequestMetrics, Any]]:
-        """Stream ``(new token ids, metrics, logits or None)``; metrics are complete on the last item.
+        """Stream ``(new token ids, metrics, top logits or None)``; metrics are complete on the last item.
 
         With ``split`` the cost model may run the prompt's front as its own request first (see the module
-        docstring); TTFT counts both.
+        docstring); TTFT counts both. ``top_logits=K`` asks LMDeploy for the K largest raw logits of each new
+        token (``{token id: logit}`` per token); LMDeploy's PyTorch engine returns no full logits rows while
+        generating.
         """
         from lmdeploy import GenerationConfig
         from lmdeploy.messages import ResponseType
@@ -170,7 +176,7 @@ class LMDeployKVTierEngine:
                 m.plan = "both"
                 async for _ in self._stream(tokens[:front], GenerationConfig(max_new_tokens=1)):
                     pass
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, output_logits="generation" if output_logits else None)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, logprobs=top_logits or None)
         first = None
         async for out in self._stream(tokens, gen):
             if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
@@ -181,7 +187,7 @@ class LMDeployKVTierEngine:
             m.output_tokens += len(out.token_ids)
             if out.status is ResponseType.FINISH and first is not None:
                 m.decode_ms = (time.perf_counter() - first) * 1e3
-            yield out.token_ids, m, out.logits
+            yield out.token_ids, m, out.logprobs
         self.metrics.record(m, session_id)
 
     async def prefill(self, prompt: Prompt, *, session_id: str = "default") -> RequestMetrics:
@@ -192,26 +198,49 @@ class LMDeployKVTierEngine:
         return metrics
 
     async def prompt_logits(
-        self, prompt: Prompt, *, session_id: str = "default", split: bool = True
-    ) -> tuple[torch.Tensor, RequestMetrics]:
-        """The logits after the prompt's last token, as LMDeploy computed them over whatever kvtier restored."""
-        logits = metrics = None
-        async for _, m, out_logits in self.generate(
-            prompt, max_new_tokens=1, session_id=session_id, split=split, output_logits=True
+        self, prompt: Prompt, *, k: int = 64, session_id: str = "default", split: bool = True
+    ) -> tuple[dict[int, float], RequestMetrics]:
+        """The ``k`` largest raw logits after the prompt's last token (``{token id: logit}``), as LMDeploy
+        computed them over whatever kvtier restored."""
+        top = metrics = None
+        async for _, m, logprobs in self.generate(
+            prompt, max_new_tokens=1, session_id=session_id, split=split, top_logits=k
         ):
             metrics = m
-            if out_logits is not None:
-                logits = out_logits
-        if logits is None or metrics is None:
+            if logprobs:
+                top = logprobs[0]
+        if top is None or metrics is None:
             raise RuntimeError("LMDeploy returned no logits")
-        return logits[0].float().cpu(), metrics
+        return {int(t): float(v) for t, v in top.items()}, metrics
 
     # ------------------------------------------------------------------ control and inspection
 
-    def evict_gpu_prefix_cache(self) -> int:
-        """Empty LMDeploy's GPU prefix cache (blocks no request holds); returns how many blocks it freed.
-        Call between requests: it runs on the caller's thread, beside LMDeploy's scheduler."""
-        return int(self.engine.scheduler.block_trie.evict(1 << 62))
+    async def evict_gpu_prefix_cache(self) -> int:
+        """Empty LMDeploy's GPU prefix cache; returns how many blocks it freed. Call between requests.
+
+        Blocks of a finished request stay leased until LMDeploy has taken kvtier's report that their saves
+        ended (on its next step), so this first waits for the saves and for those reports."""
+        self.store.wait_idle()
+        deadline = time.monotonic() + 5.0
+        while self.store.saves_in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        freed = 0
+        while True:
+            n = int(self.engine.scheduler.block_trie.evict(1 << 62))
+            if not n:
+                return freed
+            freed += n
 
     def metrics_snapshot(self) -> dict[str, Any]:
         return {"pipeline": self.metrics.snapshot(), "store": self.store.snapshot()}
+
+
+def compare_top_logits(got: dict[int, float], ref: dict[int, float]) -> dict[str, float]:
+    """How far top-k logits are from a reference: the largest difference over the tokens both list, how many
+    they share, and whether the top token agrees."""
+    shared = set(got) & set(ref)
+    return {
+        "max_abs_diff": max((abs(got[t] - ref[t]) for t in shared), default=float("inf")),
+        "shared": len(shared) / max(1, len(ref)),
+        "argmax_equal": float(max(got, key=got.get) == max(ref, key=ref.get)),
+    }

@@ -121,8 +121,14 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kvtier-io", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kvtier-io", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        # LMDeploy allocates its cache (and builds this store) under inference mode; copies into those tensors
+        # must run under it too, and inference mode is per thread.
+        with torch.inference_mode():
+            self.loop.run_forever()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -361,7 +367,9 @@ class LMDeployStore:
         ``running``: per request ``(request_id, tokens, token_len after this step, block ids, logical ids)``.
         Returns ``(load request ids, ((save_id, logical block ids to lease), ...))``.
         """
-        saves = self._plan_saves(running) if producer else []
+        saves = self._plan_saves(running) if producer and running else []
+        if not saves and not self._pending_loads and not self._inflight_loads and not self._saves:
+            return None  # the common decode step: nothing to start, nothing to poll
         with self._lock:
             loads = tuple(self._pending_loads)
             self._inflight_loads.update(self._pending_loads)
@@ -693,6 +701,11 @@ class LMDeployStore:
                 return
             for f in pending:
                 f.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def saves_in_flight(self) -> int:
+        """Saves whose completion LMDeploy has not taken yet (it still leases their blocks)."""
+        with self._lock:
+            return len(self._saves)
 
     def drop_tier(self, tier: Tier) -> int:
         """Drop every unpinned copy in ``tier`` that has a copy elsewhere (benchmarks: "only on disk")."""

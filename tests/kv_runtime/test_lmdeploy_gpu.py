@@ -23,6 +23,13 @@ pytestmark = [
 TOL = 0.05  # bf16 logits through different attention paths (full prefill vs prefill over restored blocks)
 
 
+def _close(got: dict[int, float], ref: dict[int, float]) -> bool:
+    from kv_pipeline.lmdeploy_engine import compare_top_logits
+
+    c = compare_top_logits(got, ref)
+    return c["max_abs_diff"] <= TOL and c["argmax_equal"] == 1.0 and c["shared"] >= 0.9
+
+
 @pytest.fixture(scope="module")
 def loop():
     loop = asyncio.new_event_loop()
@@ -56,12 +63,12 @@ def _prompt(seed: int, n: int = 1000) -> list[int]:
     return np.random.default_rng(seed).integers(10, 8000, size=n).tolist()
 
 
-def _logits(engine, loop, tokens, *, gpu: bool = False, drop_ddr: bool = False) -> torch.Tensor:
+def _logits(engine, loop, tokens, *, gpu: bool = False, drop_ddr: bool = False) -> dict[int, float]:
     from kv_runtime import Tier
 
     engine.store.wait_idle()
     if not gpu:
-        engine.evict_gpu_prefix_cache()
+        loop.run_until_complete(engine.evict_gpu_prefix_cache())
     if drop_ddr:
         engine.store.drop_tier(Tier.DDR)
     logits, _ = loop.run_until_complete(engine.prompt_logits(tokens, split=False))
@@ -105,8 +112,7 @@ def test_ddr_and_disk_restores_match_full_prefill(engine, loop):
     before = dict(store.stats.loaded_blocks)
     from_ddr = _logits(engine, loop, tokens)
     assert store.stats.loaded_blocks["ddr"] > before["ddr"]
-    assert float((from_ddr - ref).abs().max()) <= TOL
-    assert int(from_ddr.argmax()) == int(ref.argmax())
+    assert _close(from_ddr, ref)
 
     store.always_load = True
     try:
@@ -114,7 +120,7 @@ def test_ddr_and_disk_restores_match_full_prefill(engine, loop):
     finally:
         store.always_load = False
     assert store.stats.loaded_blocks["disk"] > before["disk"]
-    assert float((from_disk - ref).abs().max()) <= TOL
+    assert _close(from_disk, ref)
 
 
 def test_gpu_prefix_cache_hits_stay_lmdeploys(engine, loop):
@@ -124,7 +130,7 @@ def test_gpu_prefix_cache_hits_stay_lmdeploys(engine, loop):
     before = dict(engine.store.stats.loaded_blocks)
     again = _logits(engine, loop, tokens, gpu=True)
     assert engine.store.stats.loaded_blocks == before  # LMDeploy served the prefix itself
-    assert float((again - ref).abs().max()) <= TOL
+    assert _close(again, ref)
 
 
 def test_corrupt_disk_block_is_recomputed_and_counted(engine, loop):
@@ -147,7 +153,7 @@ def test_corrupt_disk_block_is_recomputed_and_counted(engine, loop):
     finally:
         store.always_load = False
     assert store.stats.load_misses > misses
-    assert float((got - ref).abs().max()) <= TOL
+    assert _close(got, ref)
 
 
 def test_generate_streams_tokens(engine, loop):
