@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class KVMigrator:
         self.disk_groups = disk_groups
         self._device: dict[str, Any] | None = None
         self._engine_pool: HBMPool | None = None
+        self._submit_lock = threading.Lock()
         self.stats: dict[str, DirectionStats] = {}
 
     # ------------------------------------------------------------------ public
@@ -172,30 +174,21 @@ class KVMigrator:
                 raise TypeError(f"plans carry Residency records, got {type(r).__name__}")
         return MigrationHandle(plan, asyncio.get_running_loop().create_task(self._run(plan)))
 
-    async def copy_engine_cells(
+    def copy_engine_cells(
         self, to_host: bool, cells: Sequence[Slot], ddr_slots: Sequence[Slot], *, after: Any = None
-    ) -> float:
-        """Copy between cells the engine owns (``HBMPool.engine_cells``) and DDR slots; returns the seconds.
+    ) -> torch.cuda.Event:
+        """Queue a copy between cells the engine owns (``HBMPool.engine_cells``) and DDR slots; returns the
+        event that completes with it. Callable from any thread; nothing waits on the host.
 
         No residency changes here: the caller registers DDR slots it filled (a save) or tells the engine its
-        cells are ready (a load). ``after`` must be an event recorded on the engine's compute stream by the
-        caller's thread: copies out wait for the forward that wrote the cells, copies in wait for earlier
-        kernels that may still read the recycled cells.
+        cells are ready (a load) once the event has completed. ``after`` must be an event recorded on the
+        engine's compute stream by the caller's thread: copies out wait for the forward that wrote the cells,
+        copies in wait for earlier kernels that may still read the recycled cells.
         """
         require_cuda("copies to or from engine cells")
-        if len(cells) != len(ddr_slots):
-            raise ValueError(f"{len(cells)} cells but {len(ddr_slots)} DDR slots")
-        if not cells:
-            return 0.0
-        start = time.perf_counter()
-        await self._device_copy(to_host, list(cells), self._host_pieces(list(ddr_slots)), after)
-        seconds = time.perf_counter() - start
-        stats = self.stats.setdefault("HBM->DDR" if to_host else "DDR->HBM", DirectionStats())
-        stats.plans += 1
-        stats.blocks += len(cells)
-        stats.nbytes += sum(s.nbytes for s in ddr_slots)
-        stats.seconds += seconds
-        return seconds
+        if len(cells) != len(ddr_slots) or not cells:
+            raise ValueError(f"{len(cells)} cells and {len(ddr_slots)} DDR slots: need as many, at least one")
+        return self._submit_device_copy(to_host, list(cells), self._host_pieces(list(ddr_slots)), after)
 
     def attach_engine_pool(self, pool: HBMPool) -> None:
         """Use ``pool`` (an engine's own device cells) for device copies when the hierarchy has no HBM tier of
@@ -403,7 +396,36 @@ class KVMigrator:
         pieces: list[tuple[int, torch.Tensor]],
         after: Any,
     ) -> None:
-        """Gather+DMA (to_host) or DMA+scatter between HBM cells and host runs, chunk by chunk."""
+        """Gather+DMA (to_host) or DMA+scatter between HBM cells and host runs; returns once it has ended."""
+        final = self._submit_device_copy(to_host, hbm_slots, pieces, after)
+        try:
+            await wait_event(final)
+        except asyncio.CancelledError:
+            # The DMA cannot be recalled: wait for this one event (not the device) before slots are released.
+            final.synchronize()
+            raise
+
+    def _submit_device_copy(
+        self,
+        to_host: bool,
+        hbm_slots: list[Slot],
+        pieces: list[tuple[int, torch.Tensor]],
+        after: Any,
+    ) -> torch.cuda.Event:
+        """Queue the copy chunk by chunk on the two streams; returns the event of its last chunk.
+
+        Thread-safe: the engine's threads submit copies of engine cells while kvtier's loop submits its own,
+        and they share the staging buffers."""
+        with self._submit_lock:
+            return self._submit_device_copy_locked(to_host, hbm_slots, pieces, after)
+
+    def _submit_device_copy_locked(
+        self,
+        to_host: bool,
+        hbm_slots: list[Slot],
+        pieces: list[tuple[int, torch.Tensor]],
+        after: Any,
+    ) -> torch.cuda.Event:
         dev = self._cuda()
         hbm: HBMPool = self._hbm()
         layout = hbm.layout
@@ -455,12 +477,7 @@ class KVMigrator:
                     gather.wait(landed)
                     hbm.scatter(chunk_ids, blocks3)
                     final = free[c % 2] = gather.record()
-        try:
-            await wait_event(final)
-        except asyncio.CancelledError:
-            # The DMA cannot be recalled: wait for this one event (not the device) before slots are released.
-            final.synchronize()
-            raise
+        return final
 
     async def _hbm_disk(
         self, to_disk: bool, blocks: list[Residency], hbm_slots: list[Slot], disk_slots: list[Slot], after: Any

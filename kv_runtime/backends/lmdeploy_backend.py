@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
@@ -50,6 +51,7 @@ import orjson
 import torch
 import xxhash
 
+from kv_io.cuda import wait_event
 from kv_policy import BlockInfo, CostBenefitModel, MigrationPolicy, ModelShape, TierLink
 from kv_runtime.hierarchy import HierarchyManager, Residency
 from kv_runtime.layout import LAYOUT_VERSION, KVLayout, parse_dtype
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 
 LOAD_CHUNK_BYTES = 256 << 20  # disk -> DDR -> HBM in chunks: one chunk's copy up overlaps the next one's read
 HINT_TTL_S = 120.0
+SWITCH_INTERVAL_S = 0.0005
 WRITE_MODES = ("write-through", "selective")
 
 
@@ -235,6 +238,9 @@ class LMDeployStore:
             cache_salt=settings.cache_salt,
         )
         self.keyer = BlockKeyer(self.namespace)
+        # kvtier's loop thread and I/O threads hand the GIL back and forth with the engine's busy threads; at
+        # Python's default 5 ms switch interval every hand-off of a disk load could wait that long.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.io = _LoopThread()
         pools: dict[Tier, Any] = {Tier.DDR: DDRPool(settings.ddr_bytes)}
         if settings.disk_bytes:
@@ -270,6 +276,8 @@ class LMDeployStore:
         # worker role: completions since the last poll
         self._done_loads: dict[int, tuple[int, ...]] = {}
         self._done_saves: set[int] = set()
+        self._copying: list[tuple[torch.cuda.Event, _Load, int, int]] = []  # (event, load, blocks ok, from disk)
+        self._saving: list[tuple[torch.cuda.Event, _Save, list[Slot]]] = []
         self._background: set[Future] = set()
 
     # ================================================================== scheduler role
@@ -542,52 +550,40 @@ class LMDeployStore:
         self.migrator.attach_engine_pool(self.hbm)
 
     def start_loads(self, request_ids: Sequence[int], ready: torch.cuda.Event) -> None:
-        """Start the loads bound to these requests; ``ready`` was recorded on the compute stream."""
+        """Start the loads bound to these requests; ``ready`` was recorded on the compute stream.
+
+        Blocks all in DDR are queued onto kvtier's copy streams right here, on the engine's thread; a load
+        that needs the disk first goes to kvtier's loop. Either way :meth:`poll` finds it done by its events.
+        """
         for request_id in request_ids:
             with self._lock:
                 load = self._inflight_loads.get(request_id)
             if load is None:
                 continue
             load.started = time.perf_counter()
-            self._spawn(self._load(load, ready))
-
-    def start_saves(self, save_ids: Sequence[int], ready: torch.cuda.Event) -> None:
-        for save_id in save_ids:
-            with self._lock:
-                save = self._saves.get(save_id)
-            if save is None:
+            residencies = [n.payload for n in load.nodes]
+            if all(Tier.DDR in r.copies for r in residencies):
+                try:
+                    event = self._copy_in(load, 0, residencies, ready)
+                except Exception:
+                    log.warning("kvtier load for request %d failed to start", load.request_id, exc_info=True)
+                    self._load_done(load, 0, 0)
+                    continue
                 with self._lock:
-                    self._done_saves.add(save_id)
-                continue
-            self._spawn(self._save(save, ready))
+                    self._copying.append((event, load, len(residencies), 0))
+            else:
+                self._spawn(self._load_from_disk(load, residencies, ready))
 
-    def poll(self) -> tuple[dict[int, tuple[int, ...]], set[int]]:
-        """Completions since the last poll: ``({request_id: invalid block ids}, {save ids})``."""
-        with self._lock:
-            loads, self._done_loads = self._done_loads, {}
-            saves, self._done_saves = self._done_saves, set()
-        return loads, saves
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        future = self.io.submit(coro)
-        with self._lock:
-            self._background.add(future)
-        future.add_done_callback(self._forget)
-
-    def _forget(self, future: Future) -> None:
-        with self._lock:
-            self._background.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("kvtier transfer failed", exc_info=future.exception())
-
-    async def _load(self, load: _Load, ready: torch.cuda.Event) -> None:
-        """Disk -> DDR (verified) where needed, then DDR -> the engine's cells, chunk by chunk; the blocks
-        from the first one that fails onwards are reported invalid (LMDeploy then recomputes)."""
+    def _copy_in(self, load: _Load, lo: int, residencies: Sequence[Residency], ready: torch.cuda.Event):
         assert self.hbm is not None
-        residencies: list[Residency] = [n.payload for n in load.nodes]
-        ok = 0
-        copies: list[asyncio.Task] = []
-        from_disk = 0
+        cells = self.hbm.engine_cells(load.block_ids[lo : lo + len(residencies)])
+        return self.migrator.copy_engine_cells(False, cells, [r.copies[Tier.DDR] for r in residencies], after=ready)
+
+    async def _load_from_disk(self, load: _Load, residencies: list[Residency], ready: torch.cuda.Event) -> None:
+        """Disk -> DDR (verified) chunk by chunk, each chunk queued up to the engine's cells as soon as it is in
+        DDR; a block that fails ends the load there (the rest is reported invalid: LMDeploy recomputes)."""
+        ok = from_disk = 0
+        event = None
         try:
             per = max(1, LOAD_CHUNK_BYTES // self.layout.block_bytes)
             for lo in range(0, len(residencies), per):
@@ -603,60 +599,96 @@ class LMDeployStore:
                         break
                     good += 1
                 if good:
-                    cells = self.hbm.engine_cells(load.block_ids[lo : lo + good])
-                    slots = [r.copies[Tier.DDR] for r in chunk[:good]]
-                    copies.append(
-                        asyncio.create_task(self.migrator.copy_engine_cells(False, cells, slots, after=ready))
-                    )
+                    event = self._copy_in(load, lo, chunk[:good], ready)
                 ok = lo + good
                 if good < len(chunk):
                     break
-            await asyncio.gather(*copies)
         except Exception:
             log.warning("kvtier load for request %d failed; LMDeploy recomputes it", load.request_id, exc_info=True)
-            await asyncio.gather(*copies, return_exceptions=True)
-            ok = 0
-        finally:
-            self.hierarchy.index.unpin(load.nodes)
+            if event is not None:
+                await wait_event(event)  # never report while a copy into the engine's cells may still run
+            self._load_done(load, 0, from_disk)
+            return
+        if event is None:
+            self._load_done(load, 0, from_disk)
+            return
+        with self._lock:
+            self._copying.append((event, load, ok, from_disk))
+
+    def _load_done(self, load: _Load, ok: int, from_disk: int) -> None:
+        """The load's copies have ended: release its pins, learn from it, report it."""
+        self.hierarchy.index.unpin(load.nodes)
         seconds = time.perf_counter() - load.started
         if ok:
-            nbytes = ok * self.layout.block_bytes
-            self.cost.observe_transfer("disk" if from_disk else "ddr", nbytes, seconds)
+            self.cost.observe_transfer("disk" if from_disk else "ddr", ok * self.layout.block_bytes, seconds)
             self.stats.loaded_blocks["disk"] += from_disk
             self.stats.loaded_blocks["ddr"] += ok - from_disk
             self.stats.load_seconds.append(seconds)
-        if ok and Tier.DISK in self.hierarchy.pools:
-            self._write_down_used(residencies[:ok])
+            if Tier.DISK in self.hierarchy.pools:
+                self._write_down_used([n.payload for n in load.nodes[:ok]])
         if ok < len(load.block_ids):
             self.stats.failed_loads += 1
             log.warning("kvtier loaded %d of %d blocks for request %d", ok, len(load.block_ids), load.request_id)
         with self._lock:
             self._done_loads[load.request_id] = load.block_ids[ok:]
 
-    async def _save(self, save: _Save, ready: torch.cuda.Event) -> None:
-        """Cells -> DDR after the forward's event, publish, report (the engine may then reuse the cells), then
-        write down per policy."""
+    def start_saves(self, save_ids: Sequence[int], ready: torch.cuda.Event) -> None:
+        """Queue the engine cells -> DDR copies of these saves behind ``ready`` (recorded on the compute stream
+        after the forward that wrote them); :meth:`poll` publishes them once their events have completed."""
         assert self.hbm is not None
-        n = len(save.block_ids)
-        nodes: list[BlockNode] = []
-        try:
+        for save_id in save_ids:
+            with self._lock:
+                save = self._saves.get(save_id)
+            if save is None:
+                continue
+            n = len(save.block_ids)
             try:
                 slots = self.hierarchy.allocate(Tier.DDR, [self.layout.block_bytes] * n, "")
             except (PoolFullError, QuotaExceededError) as e:
                 log.info("kvtier: not caching %d blocks: %s", n, e)
-                return
+                with self._lock:
+                    self._done_saves.add(save_id)
+                continue
             try:
-                await self.migrator.copy_engine_cells(True, self.hbm.engine_cells(save.block_ids), slots, after=ready)
-                nodes = self.hierarchy.insert(save.rk, save.first, Tier.DDR, slots, tenant="", ready=True)
-                self.stats.saved_blocks += n
-            except ValueError:  # the chain's parent was evicted meanwhile: nothing to hang these on
+                event = self.migrator.copy_engine_cells(True, self.hbm.engine_cells(save.block_ids), slots, after=ready)
+            except Exception:
+                log.warning("kvtier save %d failed to start", save_id, exc_info=True)
                 self._free(slots)
-            except BaseException:
-                self._free(slots)
-                raise
-        finally:
+                with self._lock:
+                    self._done_saves.add(save_id)
+                continue
             with self._lock:
-                self._done_saves.add(save.save_id)
+                self._saving.append((event, save, slots))
+
+    def poll(self) -> tuple[dict[int, tuple[int, ...]], set[int]]:
+        """Completions since the last poll: ``({request_id: invalid block ids}, {save ids})``.
+
+        Called by the engine every step while transfers are in flight: copies whose events have completed are
+        finished here (loads reported, saves published), without waiting on anything."""
+        with self._lock:
+            copying = [c for c in self._copying if c[0].query()]
+            saving = [c for c in self._saving if c[0].query()]
+            self._copying = [c for c in self._copying if c not in copying]
+            self._saving = [c for c in self._saving if c not in saving]
+        for _, load, ok, from_disk in copying:
+            self._load_done(load, ok, from_disk)
+        for _, save, slots in saving:
+            self._publish(save, slots)
+        with self._lock:
+            loads, self._done_loads = self._done_loads, {}
+            saves, self._done_saves = self._done_saves, set()
+        return loads, saves
+
+    def _publish(self, save: _Save, slots: list[Slot]) -> None:
+        """A save's bytes are in DDR: index them, report the save, write down per policy."""
+        try:
+            nodes = self.hierarchy.insert(save.rk, save.first, Tier.DDR, slots, tenant="", ready=True)
+            self.stats.saved_blocks += len(slots)
+        except ValueError:  # the chain's parent was evicted meanwhile: nothing to hang these on
+            self._free(slots)
+            nodes = []
+        with self._lock:
+            self._done_saves.add(save.save_id)
         if Tier.DISK in self.hierarchy.pools and nodes:
             now = time.monotonic()
             due = [
@@ -665,7 +697,19 @@ class LMDeployStore:
                 if self.policy.on_store(BlockInfo(None, node.payload.nbytes, node.depth, 0.0, now, now)).write
             ]
             if due:
-                await self._write_down(due)
+                self._spawn(self._write_down(due))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        future = self.io.submit(coro)
+        with self._lock:
+            self._background.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("kvtier transfer failed", exc_info=future.exception())
 
     def _write_down_used(self, residencies: Sequence[Residency]) -> None:
         """Selective write-down: a block used again may now deserve a disk copy."""
@@ -697,7 +741,10 @@ class LMDeployStore:
         while True:
             with self._lock:
                 pending = list(self._background) + list(self._prefetching.values())
-            if not pending:
+                copies = [c[0] for c in self._copying] + [c[0] for c in self._saving]
+            for event in copies:
+                event.synchronize()
+            if not pending and not copies:
                 return
             for f in pending:
                 f.result(timeout=max(0.0, deadline - time.monotonic()))
