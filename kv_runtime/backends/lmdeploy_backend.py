@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
@@ -64,7 +63,6 @@ log = logging.getLogger(__name__)
 
 LOAD_CHUNK_BYTES = 256 << 20  # disk -> DDR -> HBM in chunks: one chunk's copy up overlaps the next one's read
 HINT_TTL_S = 120.0
-SWITCH_INTERVAL_S = 0.0005
 WRITE_MODES = ("write-through", "selective")
 
 
@@ -238,9 +236,6 @@ class LMDeployStore:
             cache_salt=settings.cache_salt,
         )
         self.keyer = BlockKeyer(self.namespace)
-        # kvtier's loop thread and I/O threads hand the GIL back and forth with the engine's busy threads; at
-        # Python's default 5 ms switch interval every hand-off of a disk load could wait that long.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.io = _LoopThread()
         pools: dict[Tier, Any] = {Tier.DDR: DDRPool(settings.ddr_bytes)}
         if settings.disk_bytes:
