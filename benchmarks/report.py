@@ -30,6 +30,7 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] | None = None  # where it was measured; None: this machine (see ``environment``)
 
 
 def environment() -> dict[str, Any]:
@@ -95,7 +96,7 @@ def to_markdown(report: Report, env: dict[str, Any]) -> str:
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     """Write JSON, CSV and Markdown; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = report.env if report.env is not None else environment()
     doc = {
         "name": report.name,
         "env": env,

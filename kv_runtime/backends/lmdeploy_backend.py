@@ -660,6 +660,14 @@ class LMDeployStore:
 
         Called by the engine every step while transfers are in flight: copies whose events have completed are
         finished here (loads reported, saves published), without waiting on anything."""
+        self._reap()
+        with self._lock:
+            loads, self._done_loads = self._done_loads, {}
+            saves, self._done_saves = self._done_saves, set()
+        return loads, saves
+
+    def _reap(self) -> None:
+        """Finish the copies whose events have completed (each exactly once, whichever thread gets it)."""
         with self._lock:
             copying = [c for c in self._copying if c[0].query()]
             saving = [c for c in self._saving if c[0].query()]
@@ -669,10 +677,6 @@ class LMDeployStore:
             self._load_done(load, ok, from_disk)
         for _, save, slots in saving:
             self._publish(save, slots)
-        with self._lock:
-            loads, self._done_loads = self._done_loads, {}
-            saves, self._done_saves = self._done_saves, set()
-        return loads, saves
 
     def _publish(self, save: _Save, slots: list[Slot]) -> None:
         """A save's bytes are in DDR: index them, report the save, write down per policy."""
@@ -731,7 +735,10 @@ class LMDeployStore:
     # ================================================================== control
 
     def wait_idle(self, timeout: float = 600.0) -> None:
-        """Block until every transfer started so far has ended (benchmarks, shutdown)."""
+        """Block until every transfer started so far has ended (benchmarks, shutdown).
+
+        Finished copies are reaped here too: an idle engine stops polling, and their write-downs still have to
+        start. Their reports wait for the engine's next :meth:`poll`."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -739,8 +746,11 @@ class LMDeployStore:
                 copies = [c[0] for c in self._copying] + [c[0] for c in self._saving]
             for event in copies:
                 event.synchronize()
+            self._reap()
             if not pending and not copies:
                 return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"kvtier transfers still running after {timeout:.0f} s")
             for f in pending:
                 f.result(timeout=max(0.0, deadline - time.monotonic()))
 
