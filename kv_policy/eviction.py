@@ -693,6 +693,170 @@ class KvtierHitDensityPolicy(EvictionPolicy):
         return best
 
 
+@dataclass(slots=True)
+class _Shadow:
+    """One expert replaying the tier's block stream alone, at the tier's capacity, to count the hits it would have."""
+
+    policy: EvictionPolicy
+    score: float = 0.0  # decayed hits of past windows
+    window_hits: int = 0
+    tip: BlockId | None = None  # the last block that hit here; its child is the only block that can hit next
+
+
+class KvtierAdaptivePolicy(EvictionPolicy):
+    """Evicts as the expert that would have hit most lately: online selection among several policies.
+
+    No single order wins on every trace: recency (LRU), scan resistance (S3-FIFO), frequency adaptation (ARC),
+    prefix credit (``kvtier-prefix``, ``kvtier-class``) and hit density (``kvtier-lhd``) each lead somewhere.
+    This policy keeps, per expert:
+    - a *follower*: the expert fed exactly this tier's events (insert, access, remove, pin, the missing block
+      before a victim is chosen), so it orders the blocks actually cached and can name a victim at any moment;
+    - a *shadow*: the same expert replaying the same block stream alone at the tier's capacity (ids, parents,
+      sizes, pins; it evicts for itself), which counts the hits that expert would have had with prefix-hit
+      semantics: a block counts only if its parent is None or is the block that hit just before it there.
+
+    The first expert leads at the start. Every ``window`` stores and uses, each expert's score decays by
+    ``decay`` and gains its shadow's hits in the window; an expert whose score exceeds the leader's by more than
+    the factor ``1 + margin`` becomes the leader. The memory is long and the margin wide on purpose: a switch
+    has a price the shadows do not show (the new leader inherits a cache another policy filled), so the leader
+    changes only on a lasting lead. The leader's follower names the victim; if it has none (a prefix-aware
+    expert whose leaves are all pinned), the other followers are asked in turn. Everything is learned from past
+    events only.
+
+    ``prefix_aware`` holds only when every expert is prefix-aware (the default mix includes classic policies,
+    which may orphan a subtree as they would alone). Cost: two policies' bookkeeping per expert on every event.
+    ``capacity`` (blocks) sizes the shadows; without it, the most blocks this tier has held so far.
+    """
+
+    name = "kvtier-adaptive"
+
+    def __init__(
+        self,
+        capacity: int | None = None,
+        *,
+        experts: tuple[str, ...] = ("kvtier-prefix", "kvtier-class", "kvtier-lhd", "s3-fifo", "lru"),
+        window: int | None = None,
+        decay: float = 0.99,
+        margin: float = 0.1,
+    ) -> None:
+        super().__init__(capacity)
+        if not experts or len(set(experts)) != len(experts) or self.name in experts:
+            raise ValueError(f"experts must be distinct registered policies other than {self.name}, got {experts}")
+        if (window is not None and window < 1) or not 0.0 <= decay < 1.0 or margin < 0:
+            raise ValueError("window >= 1, decay in [0, 1) and margin >= 0 required")
+        self.experts = experts
+        self.window = window if window is not None else max(256, capacity or 0)
+        self.decay = decay
+        self.margin = margin
+        self._followers = [make_eviction_policy(e, capacity=capacity) for e in experts]
+        self._shadows = [_Shadow(make_eviction_policy(e, capacity=capacity)) for e in experts]
+        self.prefix_aware = all(f.prefix_aware for f in self._followers)
+        self._shadow_capacity = capacity or 0
+        self._events = 0
+        self._leader = 0  # index into experts
+
+    @property
+    def leader(self) -> str:
+        """The expert whose follower names the victims now."""
+        return self.experts[self._leader]
+
+    def scores(self) -> dict[str, float]:
+        """Each expert's decayed shadow hits, on which the choice of leader rests."""
+        return {e: s.score for e, s in zip(self.experts, self._shadows, strict=True)}
+
+    # -- shadows -------------------------------------------------------------------------------------------
+    def _replay_shadows(self, block_id: BlockId, info: BlockInfo) -> None:
+        if self.capacity is None:
+            self._shadow_capacity = max(self._shadow_capacity, len(self._blocks))
+        cap = self._shadow_capacity
+        for shadow in self._shadows:
+            policy = shadow.policy
+            if block_id in policy:
+                hit = info.parent is None or info.parent == shadow.tip
+                shadow.window_hits += hit
+                shadow.tip = block_id if hit else None
+                policy.access(block_id, info.last_access)
+                continue
+            shadow.tip = None
+            while len(policy) >= cap and policy.pop_victim(block_id) is not None:
+                pass
+            if len(policy) < cap:
+                policy.insert(
+                    block_id,
+                    parent=info.parent,
+                    size_bytes=info.size_bytes,
+                    depth=info.depth,
+                    now=info.last_access,
+                    saved_flops=info.saved_flops,
+                    context=info.context,
+                )
+        self._events += 1
+        if self._events % self.window == 0:
+            self._elect()
+
+    def _elect(self) -> None:
+        for shadow in self._shadows:
+            shadow.score = self.decay * shadow.score + shadow.window_hits
+            shadow.window_hits = 0
+        shadows = self._shadows
+        best = max(range(len(shadows)), key=lambda i: shadows[i].score)
+        if shadows[best].score > (1.0 + self.margin) * shadows[self._leader].score:
+            self._leader = best
+
+    # -- events --------------------------------------------------------------------------------------------
+    def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
+        for follower in self._followers:
+            follower.insert(
+                block_id,
+                parent=info.parent,
+                size_bytes=info.size_bytes,
+                depth=info.depth,
+                now=info.inserted_at,
+                saved_flops=info.saved_flops,
+                context=info.context,
+            )
+        self._replay_shadows(block_id, info)
+
+    def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
+        for follower in self._followers:
+            follower.access(block_id, info.last_access)
+        self._replay_shadows(block_id, info)
+
+    def _on_remove(self, block_id: BlockId, info: BlockInfo) -> None:
+        for follower in self._followers:
+            if block_id in follower:  # the follower that named the victim has already forgotten it
+                follower.remove(block_id)
+
+    def pin(self, block_id: BlockId) -> None:
+        super().pin(block_id)
+        for follower in self._followers:
+            follower.pin(block_id)
+        for shadow in self._shadows:
+            if block_id in shadow.policy:
+                shadow.policy.pin(block_id)
+
+    def unpin(self, block_id: BlockId) -> None:
+        super().unpin(block_id)
+        for follower in self._followers:
+            follower.unpin(block_id)
+        for shadow in self._shadows:
+            # a shadow that stored the block after the tier pinned it holds fewer pins: it lets go first
+            if block_id in shadow.policy and shadow.policy.info(block_id).pins:
+                shadow.policy.unpin(block_id)
+
+    def _before_miss(self, incoming: BlockId) -> None:
+        for follower in self._followers:
+            follower._before_miss(incoming)
+
+    def _pick(self) -> BlockId | None:
+        leader = self._followers[self._leader]
+        for follower in (leader, *(f for f in self._followers if f is not leader)):
+            popped = follower.pop_victim()
+            if popped is not None:
+                return popped[0]
+        return None
+
+
 EVICTION_POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
     cls.name: cls
     for cls in (
@@ -703,6 +867,7 @@ EVICTION_POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
         KvtierPrefixPolicy,
         KvtierClassPolicy,
         KvtierHitDensityPolicy,
+        KvtierAdaptivePolicy,
     )
 }
 

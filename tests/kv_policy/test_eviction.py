@@ -8,7 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kv_policy import EVICTION_POLICIES, ARCPolicy, KvtierHitDensityPolicy, LRUPolicy, make_eviction_policy
+from kv_policy import (
+    EVICTION_POLICIES,
+    ARCPolicy,
+    KvtierAdaptivePolicy,
+    KvtierHitDensityPolicy,
+    LRUPolicy,
+    ModelShape,
+    PreparedTrace,
+    S3FIFOPolicy,
+    SyntheticTraceConfig,
+    make_eviction_policy,
+    replay,
+    synthetic_trace,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -178,8 +191,9 @@ def test_registry_hot_swaps_by_name():
         make_eviction_policy("nope")
 
 
-def test_bad_events_are_errors():
-    p = LRUPolicy()
+@pytest.mark.parametrize("name", sorted(EVICTION_POLICIES))
+def test_bad_events_are_errors(name):
+    p = make_eviction_policy(name, capacity=4)
     p.insert(b"k" * 16)
     with pytest.raises(ValueError, match="already cached"):
         p.insert(b"k" * 16)
@@ -275,3 +289,50 @@ def test_hit_density_keeps_reused_roots_that_recency_loses():
     """Roots come back every 90 stores, beyond LRU's reach in 40 blocks; learned density keeps them."""
     assert _shared_roots_under_one_off_tails(LRUPolicy()) == 0
     assert _shared_roots_under_one_off_tails(KvtierHitDensityPolicy(capacity=40)) > 0.9 * 3000
+
+
+def test_adaptive_switches_to_the_expert_that_wins():
+    """Starting under LRU, which never hits here, it hands the victims to hit density and keeps most of its hits."""
+    lhd = _shared_roots_under_one_off_tails(KvtierHitDensityPolicy(capacity=40))
+    adaptive = KvtierAdaptivePolicy(capacity=40, experts=("lru", "kvtier-lhd"))
+    hits = _shared_roots_under_one_off_tails(adaptive)
+    assert adaptive.leader == "kvtier-lhd"
+    scores = adaptive.scores()
+    assert scores["kvtier-lhd"] > 10 * scores["lru"]
+    assert hits >= 0.9 * lhd
+
+
+def test_adaptive_under_a_fixed_leader_is_that_expert_exactly():
+    """Followers see exactly the tier's events, so a leader that never changes evicts as that policy alone."""
+    trace = list(synthetic_trace(SyntheticTraceConfig(requests=400, seed=3)))
+    prepared = PreparedTrace.build(trace, block_tokens=512, bytes_per_token=1, shape=ModelShape.qwen2_7b())
+    cap = prepared.distinct_blocks // 10
+    alone = replay(prepared, S3FIFOPolicy(capacity=cap), capacity_blocks=cap)
+    adaptive = KvtierAdaptivePolicy(capacity=cap, experts=("s3-fifo", "lru", "kvtier-prefix"), margin=1e9)
+    assert replay(prepared, adaptive, capacity_blocks=cap).hit_blocks == alone.hit_blocks
+    assert adaptive.leader == "s3-fifo"
+
+
+def test_adaptive_scores_prefix_hits_only():
+    """A shadow counts a block only if its parent is None or hit just before it there."""
+    p = KvtierAdaptivePolicy(capacity=4, experts=("lru",), window=1, decay=0.0)
+    p.insert("a")
+    assert p.scores() == {"lru": 0.0}
+    p.access("a", 1.0)
+    assert p.scores() == {"lru": 1.0}
+    p.insert("b", parent="a", now=2.0)
+    p.access("b", 3.0)  # a was not used just before: no prefix hit
+    assert p.scores() == {"lru": 0.0}
+    p.access("a", 4.0)
+    p.access("b", 5.0)
+    assert p.scores() == {"lru": 1.0}
+
+
+def test_adaptive_rejects_bad_configurations():
+    for kwargs in ({"experts": ()}, {"experts": ("lru", "lru")}, {"experts": ("kvtier-adaptive",)}, {"window": 0}):
+        with pytest.raises(ValueError):
+            KvtierAdaptivePolicy(capacity=4, **kwargs)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        KvtierAdaptivePolicy(capacity=4, experts=("nope",))
+    assert KvtierAdaptivePolicy(experts=("kvtier-prefix", "kvtier-lhd")).prefix_aware
+    assert not KvtierAdaptivePolicy(experts=("kvtier-prefix", "lru")).prefix_aware
