@@ -139,6 +139,7 @@ async def _multitenant(run_one, contexts, rounds: int, concurrency: int, vocab: 
         "ttft_p50_ms": float(np.percentile(ttfts, 50) * 1e3),
         "ttft_p99_ms": float(np.percentile(ttfts, 99) * 1e3),
         "requests_per_s": len(ttfts) / wall,
+        "ttfts_ms": [round(x * 1e3, 1) for x in ttfts],  # in completion order
     }
 
 
@@ -323,6 +324,7 @@ async def _length_row(eng, stream, rng, length: int, vocab: int, h2d_gbps: float
     t: dict[str, float] = {}
     t["scratch"], _, ref_logits = await case(prompts[0], logits=True)
     store.cost.prefill_flops_per_s = store.cost.shape.prefill_flops(0, length) / (t["scratch"] / 1e3)
+    _, _, gpu_logits = await case(prompts[0], gpu=True, logits=True)  # LMDeploy's own prefix-cache path
     t["gpu_prefix_cache"], _, _ = await case(prompts[1], gpu=True)
     t["ddr"], ddr_loaded, _ = await case(prompts[2])
     _say(f"{length}: scratch {t['scratch']:.0f} ms, GPU cache {t['gpu_prefix_cache']:.0f} ms, DDR {t['ddr']:.0f} ms")
@@ -343,6 +345,7 @@ async def _length_row(eng, stream, rng, length: int, vocab: int, h2d_gbps: float
     plan = split_out.plan if split_out is not None else "none"
     _say(f"{length}: disk with the cost model's plan ({plan}) {t['disk_split']:.0f} ms")
     cmp_ddr, cmp_disk = compare_top_logits(ddr_logits, ref_logits), compare_top_logits(disk_logits, ref_logits)
+    cmp_gpu = compare_top_logits(gpu_logits, ref_logits)
     prefix_bytes = (len(prefix) // store.block_size) * store.block_size * store.layout.bytes_per_token
     return {
         "length": length,
@@ -360,6 +363,10 @@ async def _length_row(eng, stream, rng, length: int, vocab: int, h2d_gbps: float
         "top_shared_disk": cmp_disk["shared"],
         "logits_max_abs_diff_ddr": cmp_ddr["max_abs_diff"],
         "logits_max_abs_diff_disk": cmp_disk["max_abs_diff"],
+        # the same prefix-hit path with LMDeploy's own GPU cache: what its bytes give, for comparison
+        "logits_max_abs_diff_gpu_prefix_cache": cmp_gpu["max_abs_diff"],
+        "logits_ddr_vs_gpu_prefix_cache": compare_top_logits(ddr_logits, gpu_logits)["max_abs_diff"],
+        "logits_disk_vs_gpu_prefix_cache": compare_top_logits(disk_logits, gpu_logits)["max_abs_diff"],
     }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kv_benchmarks import BENCHMARKS
 from kv_benchmarks.report import DEFAULT_OUT, write_report
+from kv_runtime.logs import log_to_stderr
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvtier", description="Tiered KV-cache runtime for LLM inference (HBM, pinned DDR, NVMe)."
     )
+    parser.add_argument(
+        "--log-level", default="WARNING", help="level of kvtier's own log lines (INFO: hits, loads, disk writes)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser("demo", help="the main job: a multi-session long-context workload with and without kvtier")
     from kv_benchmarks import demo as demo_module
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--write-mode", choices=["write-through", "selective"], help="when blocks go to disk")
     serve.add_argument("--block-size", type=int, help="tokens per block (LMDeploy's block_size)")
     serve.add_argument("--dtype", help="model dtype: auto, bfloat16, float16")
+    serve.add_argument("--prefill-tflops", type=float, help="the cost model's prior for prefill throughput")
     serve.add_argument("--session-len", type=int, help="longest prompt plus output, in tokens")
     serve.add_argument("--cache-max-entry-count", type=float, help="share of free GPU memory for LMDeploy's KV")
     serve.add_argument("--server-name", default="0.0.0.0")
@@ -72,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         "write_mode": args.write_mode,
         "block_size": args.block_size,
         "dtype": args.dtype,
+        "prefill_tflops": args.prefill_tflops,
     }
     config = KVTierConfig.load(args.config, model=args.model, engine="lmdeploy", **overrides)
     options = {"session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count}
@@ -88,6 +94,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_to_stderr(args.log_level)
     if args.command == "demo":
         from kv_benchmarks import demo
 

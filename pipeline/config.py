@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from kv_runtime.logs import LOG_LEVEL_ENV
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -67,6 +69,9 @@ class KVTierConfig:
     cache_salt: str = ""
     io_threads: int = 4
     max_inflight_bytes: int = 256 << 20
+    # The prefill throughput (TFLOP/s) the cost model starts from; 0: measured at start by the transformers
+    # engine, 400 under LMDeploy. The model refines it online from observed prefills.
+    prefill_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -85,6 +90,10 @@ class KVTierConfig:
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
         if self.ddr_bytes == 0 and self.disk_bytes == 0 and self.hbm_bytes == 0:
             raise ConfigError("at least one tier needs capacity: set hbm_bytes, ddr_bytes or disk_bytes")
+        if isinstance(self.prefill_tflops, bool) or not isinstance(self.prefill_tflops, int | float):
+            raise ConfigError(f"prefill_tflops: expected a number, got {self.prefill_tflops!r}")
+        if self.prefill_tflops < 0:
+            raise ConfigError(f"prefill_tflops: expected >= 0, got {self.prefill_tflops!r}")
         if self.max_inflight_bytes == 0:
             raise ConfigError("max_inflight_bytes: must be > 0 (it bounds transfers in flight)")
 
@@ -125,7 +134,8 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    """``KVTIER_*`` variables as keys; ``KVTIER_LOG_LEVEL`` is the log level (``kv_runtime.logs``), not a key."""
+    return {k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX) and k != LOG_LEVEL_ENV}
 
 
 def _coerce(f: dataclasses.Field, key: str, value: Any) -> Any:
@@ -137,6 +147,11 @@ def _coerce(f: dataclasses.Field, key: str, value: Any) -> Any:
             return int(value)
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if f.type in ("float", float):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if f.type in ("Path", Path):
         return Path(value)
     return value

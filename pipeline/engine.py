@@ -133,7 +133,7 @@ class KVTierEngine:
             ModelShape.from_config(self.model.config),
             bytes_per_token=layout.bytes_per_token,
             tiers=[TierLink("ddr", _measure_copy_gbps(), 0.05), TierLink("disk", 1.0, 0.5)],
-            prefill_tflops=await asyncio.to_thread(self._calibrate_prefill_tflops),
+            prefill_tflops=cfg.prefill_tflops or await asyncio.to_thread(self._calibrate_prefill_tflops),
         )
         self.scheduler = Scheduler(
             self.model,

@@ -94,6 +94,10 @@ class StoreSettings:
             value = getattr(s, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"kvtier connector: {name} must be a byte count >= 0, got {value!r}")
+        for name in ("prefill_tflops", "ddr_gbps", "disk_gbps"):
+            value = getattr(s, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"kvtier connector: {name} must be a number > 0, got {value!r}")
         if s.ddr_bytes == 0:
             raise ValueError("kvtier connector: ddr_bytes must be > 0 (loads reach the GPU through pinned DDR)")
         if s.write_mode not in WRITE_MODES:
@@ -318,6 +322,8 @@ class LMDeployStore:
         with self._lock:
             self._lookups[request_id] = _Lookup(rk, first, chosen)
         self.stats.hits += 1
+        on_disk = sum(Tier.DDR not in n.payload.copies for n in chosen)
+        log.info("kvtier: request %d loads %d blocks (%d from disk)", request_id, len(chosen), on_disk)
         return (first + len(chosen)) * bs - int(num_computed), True
 
     def _match(self, rk: RequestKeys) -> list[BlockNode]:
@@ -393,10 +399,10 @@ class LMDeployStore:
                 raise RuntimeError(f"request {request_id} has fewer blocks than its {full * bs}-token save boundary")
             rk = self.keyer.request(tokens[: full * bs])
             held = len(self.hierarchy.index.match(rk))  # dedupe: blocks kvtier holds already are not saved again
-            first = max(start, held)
+            first = min(max(start, held), full)
             self._next_save[request_id] = full
-            if first >= full:
-                self.stats.skipped_saves += full - start
+            self.stats.skipped_saves += first - start
+            if first == full:
                 continue
             save_id = next(self._save_ids)
             with self._lock:
@@ -727,6 +733,7 @@ class LMDeployStore:
     async def _write_down(self, residencies: Sequence[Residency]) -> None:
         result = await self.migrator.migrate(MigrationPlan(Tier.DDR, Tier.DISK, list(residencies)))
         self.stats.disk_writes += len(result.moved)
+        log.info("kvtier: %d blocks written to disk", len(result.moved))
 
     def _free(self, slots: Sequence[Slot]) -> None:
         for slot in slots:

@@ -62,11 +62,30 @@ def kv_transfer_config(model: str, *, role: str = "kv_both", **settings: Any):
     return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role=role, kv_connector_extra_config=extra)
 
 
+_MP_PROC: Any = None  # LMDeploy's engine-subprocess entry, before install() wrapped it
+
+
+def _engine_process(*args: Any, **kwargs: Any) -> Any:
+    """LMDeploy's engine subprocess (spawned, as its OpenAI server runs the engine): registers the connector
+    there too, then runs LMDeploy's own entry. Module level, so that the spawned process imports this module."""
+    from kv_runtime.logs import log_to_stderr
+
+    log_to_stderr()
+    install()
+    return _MP_PROC(*args, **kwargs)
+
+
 def install() -> None:
-    """Register kvtier's connector with LMDeploy's PyTorch engine. Idempotent."""
+    """Register kvtier's connector with LMDeploy's PyTorch engine, in this process and in the engine
+    subprocesses LMDeploy spawns. Idempotent."""
     check_version()
     import importlib
 
+    global _MP_PROC
+    mp_engine = importlib.import_module("lmdeploy.pytorch.engine.mp_engine.zmq_engine").ZMQMPEngine
+    if _MP_PROC is None:
+        _MP_PROC = mp_engine.__dict__["_mp_proc"].__func__
+        mp_engine._mp_proc = staticmethod(_engine_process)
     factory = importlib.import_module("lmdeploy.pytorch.kv_connector.factory")
     original = factory.build_kv_connector
     if getattr(original, "__kvtier__", False):

@@ -64,10 +64,13 @@ def test_environment_values_are_coerced():
         "KVTIER_DDR_BYTES": "128MiB",
         "KVTIER_CACHE_DIR": "/tmp/x",
         "KVTIER_ENGINE": "hf",
+        "KVTIER_PREFILL_TFLOPS": "2.5",
+        "KVTIER_LOG_LEVEL": "INFO",  # the log level, not a configuration key
         "OTHER": "ignored",
     }
     cfg = KVTierConfig.load(env=env)
     assert (cfg.block_size, cfg.ddr_bytes, cfg.cache_dir) == (32, 128 << 20, Path("/tmp/x"))
+    assert cfg.prefill_tflops == 2.5
 
 
 def test_process_environment_is_read_by_default(monkeypatch):
@@ -97,6 +100,8 @@ def test_precedence_file_then_env_then_code(tmp_path):
         ({"io_threads": -2}, "io_threads"),
         ({"ddr_bytes": 0, "disk_bytes": 0, "hbm_bytes": 0}, "at least one tier"),
         ({"max_inflight_bytes": 0}, "max_inflight_bytes"),
+        ({"prefill_tflops": -1.0}, "prefill_tflops"),
+        ({"prefill_tflops": "fast"}, "prefill_tflops"),
     ],
 )
 def test_bad_values(kwargs, message):
@@ -131,6 +136,11 @@ def test_bad_files(tmp_path):
 def test_bad_environment_integer():
     with pytest.raises(ConfigError, match="block_size: expected an integer"):
         KVTierConfig.load(env={"KVTIER_BLOCK_SIZE": "sixteen"})
+
+
+def test_bad_environment_number():
+    with pytest.raises(ConfigError, match="prefill_tflops: expected a number"):
+        KVTierConfig.load(env={"KVTIER_PREFILL_TFLOPS": "fast"})
 
 
 def test_config_error_is_a_value_error():

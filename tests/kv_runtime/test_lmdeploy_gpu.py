@@ -87,6 +87,12 @@ def test_install_is_idempotent_and_patches_every_import():
     install()
     assert factory.build_kv_connector is first and installed()
     assert engine_mod.build_kv_connector is first and agent_mod.build_kv_connector is first
+    # the OpenAI server runs the engine in a spawned process: its entry installs the connector there first
+    from lmdeploy.pytorch.engine.mp_engine.zmq_engine import ZMQMPEngine
+
+    from kv_runtime.backends.lmdeploy_connector import _engine_process
+
+    assert ZMQMPEngine._mp_proc is _engine_process
 
 
 def test_unsupported_version_is_refused(monkeypatch):

@@ -160,11 +160,6 @@ def test_from_extra_rejects_bad_settings(extra, message):
         StoreSettings.from_extra(extra)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_extra does not validate the cost-model rates: they pass and the store's constructor fails later "
-    "(inside LMDeploy's workers) with TierLink's or CostBenefitModel's error",
-)
 @pytest.mark.parametrize("extra", [{"prefill_tflops": 0.0}, {"ddr_gbps": 0.0}, {"disk_gbps": -1.0}])
 def test_from_extra_rejects_non_positive_rates(extra):
     with pytest.raises(ValueError, match=next(iter(extra))):
@@ -499,11 +494,6 @@ def test_partially_held_prompt_saves_only_the_rest(stores):
     assert store._saves[0].first == 3 and store._saves[0].block_ids == (103, 104)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_plan_saves counts skipped_saves only when every new block is held; blocks held at the front of a "
-    "save that still has new blocks are skipped without being counted",
-)
 def test_partially_held_prompt_counts_the_skipped_blocks(stores):
     store = stores()
     toks = tokens(25, 112)
