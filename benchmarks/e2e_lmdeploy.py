@@ -45,7 +45,7 @@ from kv_benchmarks.report import Report
 NEW_TOKENS = 128
 TOP_LOGITS = 64  # LMDeploy returns the top-k raw logits of a generated token (no full rows while generating)
 FULL = dict(
-    lengths="32768,65536,131072", mt_sessions=10, mt_rounds=3, hbm_blocks=2600, tpot_prompt=4096, tpot_tokens=256
+    lengths="32768,65536,131072", mt_sessions=10, mt_rounds=5, hbm_blocks=2600, tpot_prompt=4096, tpot_tokens=256
 )
 QUICK = dict(lengths="8192,16384", mt_sessions=6, mt_rounds=2, hbm_blocks=700, tpot_prompt=1024, tpot_tokens=64)
 PARTS = ("ttft", "tpot", "multitenant")
