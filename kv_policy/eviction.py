@@ -693,6 +693,19 @@ class KvtierHitDensityPolicy(EvictionPolicy):
         return best
 
 
+def _insert_as(policy: EvictionPolicy, block_id: BlockId, info: BlockInfo, now: float) -> None:
+    """Store ``block_id`` in another policy as ``info`` describes it (a follower or a shadow)."""
+    policy.insert(
+        block_id,
+        parent=info.parent,
+        size_bytes=info.size_bytes,
+        depth=info.depth,
+        now=now,
+        saved_flops=info.saved_flops,
+        context=info.context,
+    )
+
+
 @dataclass(slots=True)
 class _Shadow:
     """One expert replaying the tier's block stream alone, at the tier's capacity, to count the hits it would have."""
@@ -781,15 +794,7 @@ class KvtierAdaptivePolicy(EvictionPolicy):
             while len(policy) >= cap and policy.pop_victim(block_id) is not None:
                 pass
             if len(policy) < cap:
-                policy.insert(
-                    block_id,
-                    parent=info.parent,
-                    size_bytes=info.size_bytes,
-                    depth=info.depth,
-                    now=info.last_access,
-                    saved_flops=info.saved_flops,
-                    context=info.context,
-                )
+                _insert_as(policy, block_id, info, info.last_access)
         self._events += 1
         if self._events % self.window == 0:
             self._elect()
@@ -806,15 +811,7 @@ class KvtierAdaptivePolicy(EvictionPolicy):
     # -- events --------------------------------------------------------------------------------------------
     def _on_insert(self, block_id: BlockId, info: BlockInfo) -> None:
         for follower in self._followers:
-            follower.insert(
-                block_id,
-                parent=info.parent,
-                size_bytes=info.size_bytes,
-                depth=info.depth,
-                now=info.inserted_at,
-                saved_flops=info.saved_flops,
-                context=info.context,
-            )
+            _insert_as(follower, block_id, info, info.inserted_at)
         self._replay_shadows(block_id, info)
 
     def _on_access(self, block_id: BlockId, info: BlockInfo) -> None:
