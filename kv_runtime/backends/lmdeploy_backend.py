@@ -240,16 +240,6 @@ class LMDeployStore:
             cache_salt=settings.cache_salt,
         )
         self.keyer = BlockKeyer(self.namespace)
-        self.io = _LoopThread()
-        pools: dict[Tier, Any] = {Tier.DDR: DDRPool(settings.ddr_bytes)}
-        if settings.disk_bytes:
-            pools[Tier.DISK] = self.io.run(
-                DiskPool.open_sized(Path(settings.cache_dir) / "blocks", settings.disk_bytes)
-            )
-        self.hierarchy = HierarchyManager(pools)
-        if Tier.DISK in pools:
-            self.hierarchy.adopt_disk()
-        self.migrator = KVMigrator(self.hierarchy)
         self.cost = CostBenefitModel(
             ModelShape.from_config(config),
             bytes_per_token=self.layout.bytes_per_token,
@@ -257,6 +247,23 @@ class LMDeployStore:
             prefill_tflops=settings.prefill_tflops,
         )
         self.policy = MigrationPolicy(settings.write_mode)
+        self.io = _LoopThread()
+        pools: dict[Tier, Any] = {}
+        try:  # a store that fails to open leaves no thread running and no disk tier open
+            pools[Tier.DDR] = DDRPool(settings.ddr_bytes)
+            if settings.disk_bytes:
+                pools[Tier.DISK] = self.io.run(
+                    DiskPool.open_sized(Path(settings.cache_dir) / "blocks", settings.disk_bytes)
+                )
+            self.hierarchy = HierarchyManager(pools)
+            if Tier.DISK in pools:
+                self.hierarchy.adopt_disk()
+        except BaseException:
+            if Tier.DISK in pools:
+                self.io.run(pools[Tier.DISK].store.close())
+            self.io.stop()
+            raise
+        self.migrator = KVMigrator(self.hierarchy)
         self.stats = StoreStats()
         self.hbm: HBMPool | None = None
         # Benchmarks measure pure loads with this set: every matched block is loaded, whatever the cost model says.

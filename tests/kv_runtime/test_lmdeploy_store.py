@@ -679,3 +679,17 @@ def test_plan_split_back_pending_makes_lookup_wait(stores):
     store.wait_idle()
     assert not store._prefetching
     store.hierarchy.index.unpin(nodes[4:])  # the stand-in promotion does not release them
+
+
+def test_a_store_that_fails_to_open_leaves_no_thread(stores):
+    import threading
+
+    stores.cache_dir.write_text("a file where the cache directory should be")
+
+    def io_threads() -> int:
+        return sum(t.name == "kvtier-io" and t.is_alive() for t in threading.enumerate())
+
+    before = io_threads()
+    with pytest.raises(OSError):
+        stores(disk=True)
+    assert io_threads() == before
