@@ -457,9 +457,13 @@ class LMDeployStore:
             self.hierarchy.index.unpin(lk.nodes)
 
     def drain(self) -> None:
-        """Workers were drained: forget transfers whose completions will never come."""
+        """Workers were drained: forget transfers whose completions will never come.
+
+        Loads that started are unpinned when their copies end (``_load_done``); loads handed to a step that
+        never started them, and loads not handed out yet, are unpinned here."""
         with self._lock:
             loads = list(self._pending_loads.values())
+            loads += [load for load in self._inflight_loads.values() if not load.started]
             self._pending_loads.clear()
             self._inflight_loads.clear()
             self._saves.clear()
