@@ -49,6 +49,7 @@ FULL = dict(
 )
 QUICK = dict(lengths="8192,16384", mt_sessions=6, mt_rounds=2, hbm_blocks=700, tpot_prompt=1024, tpot_tokens=64)
 PARTS = ("ttft", "tpot", "multitenant")
+CASES = ("scratch", "gpu_prefix_cache", "ddr", "disk", "disk_split")  # the columns of ttft_ms[length]
 _T0 = time.perf_counter()
 
 
@@ -457,9 +458,6 @@ def _report(ours: dict[str, Any], base: dict[str, Any], config: dict[str, Any]) 
         )
     metrics["store"] = ours["store"]
     return Report("e2e_lmdeploy", metrics, reference, rows, notes, config)
-
-
-CASES = ("scratch", "gpu_prefix_cache", "ddr", "disk", "disk_split")
 
 
 def _bars(row: dict[str, Any]) -> dict[str, bool]:
