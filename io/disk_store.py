@@ -24,6 +24,7 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiofiles
-import numpy as np
 import orjson
 import torch
 
@@ -44,12 +44,13 @@ from kv_io.disk_format import (
     HEADER_BYTES,
     MAX_NAME_BYTES,
     CorruptBlockError,
+    as_bytes_view,
     block_capacity,
     decode_header,
     encode_header,
     payload_checksum,
 )
-from kv_io.file_io import FileIO, first_error, make_file_io, settle
+from kv_io.file_io import FileIO, Transfer, first_error, make_file_io, settle
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,23 @@ def _describe(owner: object) -> str:
 
 
 _IN_FLIGHT = object()
+
+
+def _seal(it: BlockWrite, payload: memoryview, header: memoryview, sums: list[int | None], i: int) -> None:
+    """Before block `i` is written (on the writing thread): its payload checksum unless known, then its header."""
+    if sums[i] is None:
+        sums[i] = payload_checksum(payload)
+    header[:] = encode_header(it.namespace, it.key, len(payload), sums[i])
+
+
+def _sum_read(payload: memoryview | torch.Tensor, full: int, sums: list[int | None], i: int, got: int) -> None:
+    """Once block `i` was read (on the reading thread): its payload checksum, if all `full` bytes arrived.
+
+    A block read straight into GPU memory is verified through one device-to-host copy; the fast path for
+    disk -> HBM is disk -> pinned staging (verified) -> HBM.
+    """
+    if got == full:
+        sums[i] = payload_checksum(payload.cpu() if isinstance(payload, torch.Tensor) else payload)
 
 
 class DiskStore:
@@ -514,14 +532,7 @@ class DiskStore:
             self._extents.remove(it.location.slab, it.location.offset)
 
     async def _write_prepared(self, prepared: list[tuple[BlockWrite, torch.Tensor]]) -> list[DiskRecord]:
-        # NOTE: headers get one small aligned allocation per batch rather than staging-pool buffers: a batch
-        # holding part of a bounded pool while waiting for the rest could deadlock against another batch.
-        headers = aligned_empty(HEADER_BYTES * len(prepared))
-        writes = [
-            self._write_block(it, data, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES])
-            for i, (it, data) in enumerate(prepared)
-        ]
-        sums = await self._durable(writes, {it.location.slab for it, _ in prepared})
+        sums = await self._write_durable(prepared)
         records = [DiskRecord(it.namespace, it.key, it.location, data.numel()) for it, data in prepared]
         rows = [
             (r.namespace, r.key, r.location.slab, r.location.offset, r.location.capacity, r.length, _signed64(c))
@@ -538,35 +549,41 @@ class DiskStore:
         self._stats["bytes_written"] += sum(r.length for r in records)
         return records
 
-    async def _write_block(
-        self, it: BlockWrite, data: torch.Tensor, header: torch.Tensor, checksum: int | None = None
-    ) -> int:
-        """Checksum one payload (off the event loop), then write header page and payload as one request.
+    async def _write_durable(
+        self, blocks: list[tuple[BlockWrite, torch.Tensor]], checksums: list[int] | None = None
+    ) -> list[int]:
+        """Write blocks, header page and payload as one request each, then fdatasync each touched slab once (one
+        barrier per slab per batch, not per block). Any failure becomes DiskWriteError. Returns the payload
+        checksums (computed here unless given).
 
-        Each block of a batch runs this on its own, so the checksum of one block overlaps the writes of the
-        blocks before it instead of every checksum delaying the first write. Returns the payload checksum.
+        A block's checksum and header are computed on the pool thread that then writes it (`_seal`), so the
+        checksums of some blocks overlap the writes of others, and a block costs the event loop no wake-up of
+        its own.
         """
-        if checksum is None:
-            checksum = await asyncio.get_running_loop().run_in_executor(None, payload_checksum, data)
-        header.numpy()[:] = np.frombuffer(encode_header(it.namespace, it.key, data.numel(), checksum), np.uint8)
-        bufs = [header, data] if data.numel() else [header]
-        await self._file_io.pwritev(self.slab_path(it.location.slab), it.location.offset, bufs)
-        return checksum
-
-    async def _durable(self, ios: list[Any], slabs: Iterable[int]) -> list[Any]:
-        """Await writes, then fdatasync each touched slab once (one barrier per slab per batch, not per block);
-        any failure becomes DiskWriteError. Returns the writes' results."""
-        results, cancelled = await settle(ios)
-        if cancelled:
-            raise asyncio.CancelledError
+        # NOTE: headers get one small aligned allocation per batch rather than staging-pool buffers: a batch
+        # holding part of a bounded pool while waiting for the rest could deadlock against another batch.
+        headers = aligned_empty(HEADER_BYTES * len(blocks)).split(HEADER_BYTES) if blocks else ()
+        sums: list[int | None] = [None] * len(blocks) if checksums is None else list(checksums)
+        transfers = []
+        for i, ((it, data), header) in enumerate(zip(blocks, headers, strict=True)):
+            seal = functools.partial(_seal, it, as_bytes_view(data), memoryview(header.numpy()), sums, i)
+            bufs = [header, data] if data.numel() else [header]
+            transfers.append(Transfer(self.slab_path(it.location.slab), it.location.offset, bufs, seal))
+        try:
+            results = await self._file_io.pwritev_many(transfers)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            results = [e]
         err = first_error(results)
         if err is None:
-            synced, cancelled = await settle(self._file_io.fsync(self.slab_path(s)) for s in sorted(slabs))
+            slabs = sorted({it.location.slab for it, _ in blocks})
+            synced, cancelled = await settle(self._file_io.fsync(self.slab_path(s)) for s in slabs)
             if cancelled:
                 raise asyncio.CancelledError
             err = first_error(synced)
         if err is None:
-            return results
+            return sums
         self._stats["write_errors"] += 1
         log.error("disk write failed, nothing published: %s", err)
         raise DiskWriteError(f"disk write failed: {err}") from err
@@ -619,20 +636,21 @@ class DiskStore:
     async def _read_verified(
         self, records: Sequence[DiskRecord], outs: Sequence[torch.Tensor], *, count: bool
     ) -> list[bool]:
-        # Every block reads and verifies on its own: its checksum runs as soon as its own bytes have landed,
-        # overlapping the reads of the others, instead of all checksums waiting for the slowest read.
-        headers = aligned_empty(HEADER_BYTES * len(records))
-        verdicts, cancelled = await settle(
-            self._read_block(rec, out, headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES])
-            for i, (rec, out) in enumerate(zip(records, outs, strict=True))
-        )
-        if cancelled:
-            raise asyncio.CancelledError
-        err = first_error(verdicts)
-        if err is not None:
-            raise err
+        # Every block is one request, header page and payload; its checksum runs on the pool thread that read
+        # it, as soon as its own bytes have landed, overlapping the reads of the others.
+        headers = aligned_empty(HEADER_BYTES * len(records)).split(HEADER_BYTES) if records else ()
+        sums: list[int | None] = [None] * len(records)
+        transfers = []
+        for i, (rec, out, header) in enumerate(zip(records, outs, headers, strict=True)):
+            view = out[: rec.length]
+            payload = as_bytes_view(view) if view.device.type == "cpu" else view
+            bufs = [header, view] if rec.length else [header]
+            check = functools.partial(_sum_read, payload, HEADER_BYTES + rec.length, sums, i)
+            transfers.append(Transfer(self.slab_path(rec.location.slab), rec.location.offset, bufs, check))
+        results = await self._file_io.preadv_many(transfers)
         ok = []
-        for rec, verdict in zip(records, verdicts, strict=True):
+        for rec, header, got, actual in zip(records, headers, results, sums, strict=True):
+            verdict = self._verdict(rec, header, got, actual)
             if verdict is not None:
                 log.warning("disk block %r/%r at %s is a miss (%s)", rec.namespace, rec.key, rec.location, verdict)
             if count:
@@ -644,24 +662,22 @@ class DiskStore:
             ok.append(verdict is None)
         return ok
 
-    async def _read_block(self, rec: DiskRecord, out: torch.Tensor, header: torch.Tensor) -> str | None:
-        """Read header page and payload as one request, check the header, then the payload checksum (off the
-        event loop). Returns None when the block verified, else the reason it is a miss (a stats counter)."""
-        view = out[: rec.length]
-        bufs = [header, view] if rec.length else [header]
-        try:
-            got = await self._file_io.preadv(self.slab_path(rec.location.slab), rec.location.offset, bufs)
-        except FileNotFoundError:
+    def _verdict(
+        self, rec: DiskRecord, header: torch.Tensor, got: int | BaseException, actual: int | None
+    ) -> str | None:
+        """None when a block read (`got` bytes or an error, payload checksum `actual`) verified, else the reason
+        it is a miss (a stats counter). An error other than OSError is raised."""
+        if isinstance(got, FileNotFoundError):
             return "missing"
-        except OSError:
+        if isinstance(got, OSError):
             return "io_errors"
+        if isinstance(got, BaseException):
+            raise got
         if got < HEADER_BYTES + rec.length:
             return "missing"  # short read: the slab file was truncated under the block
         verdict, expected = self._check_header(rec, header)
         if verdict is not None:
             return verdict
-        loop = asyncio.get_running_loop()
-        actual = await loop.run_in_executor(None, lambda: payload_checksum(self._host_payload(view)))
         return None if actual == expected else "corrupt"
 
     def _check_header(self, rec: DiskRecord, header: torch.Tensor) -> tuple[str | None, int | None]:
@@ -679,12 +695,6 @@ class DiskStore:
         if self._records.get(ident) == rec and self._checksums[ident] != hdr.checksum:
             return "mismatched", None  # a self-consistent but older block of the same key in this slot
         return None, hdr.checksum
-
-    @staticmethod
-    def _host_payload(view: torch.Tensor) -> torch.Tensor:
-        # NOTE: a block read straight into GPU memory is verified through one device-to-host copy; the fast
-        # path for disk -> HBM is disk -> pinned staging (verified) -> HBM.
-        return view if view.device.type == "cpu" else view.cpu()
 
     # -- delete and relocate -------------------------------------------------------------------------------------
 
@@ -766,8 +776,7 @@ class DiskStore:
             raise CorruptBlockError(f"{rec.namespace!r}/{rec.key!r} at {rec.location} does not verify")
         checksum = self._checksums[(rec.namespace, rec.key)]
         payload = buf[: rec.length]
-        item = BlockWrite(rec.namespace, rec.key, new, payload)
-        await self._durable([self._write_block(item, payload, aligned_empty(HEADER_BYTES), checksum)], [new.slab])
+        await self._write_durable([(BlockWrite(rec.namespace, rec.key, new, payload), payload)], [checksum])
         moved = DiskRecord(rec.namespace, rec.key, new, rec.length)
         (ok,) = await self._read_verified([moved], [buf], count=False)
         if not ok:

@@ -64,6 +64,31 @@ def first_error(results: Iterable[object]) -> BaseException | None:
     return next((r for r in results if isinstance(r, BaseException)), None)
 
 
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One vectored request of a batch (`FileIO.pwritev_many` / `preadv_many`): `bufs` laid end to end at
+    `offset` of `path`, and an optional `hook` that runs on a worker thread, next to the I/O.
+
+    For a write, `hook()` runs before any byte is written and may fill the buffers (a header carrying the
+    payload's checksum); for a read, `hook(nbytes)` runs once every byte has landed (the payload's checksum).
+    """
+
+    path: Path
+    offset: int
+    bufs: Sequence[torch.Tensor]
+    hook: Callable[..., None] | None = None
+
+
+async def _off_loop(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` in the default executor, waited for even if cancelled (it may be using the caller's buffers)."""
+    (result,), cancelled = await settle([asyncio.get_running_loop().run_in_executor(None, fn, *args)])
+    if cancelled:
+        raise asyncio.CancelledError
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 class FileIO(ABC):
     """Positional reads and writes of whole uint8 tensors, awaited on the event loop.
 
@@ -90,6 +115,35 @@ class FileIO(ABC):
     async def pwritev(self, path: Path, offset: int, datas: Sequence[torch.Tensor]) -> int:
         """Write `datas` end to end at `offset` (all of it, or OSError). Default: one `pwrite` per buffer."""
         return await self._each(self.pwrite, path, offset, datas)
+
+    async def pwritev_many(self, transfers: Sequence[Transfer]) -> list[int | BaseException]:
+        """Write every transfer concurrently (each one's `hook` first); returns each one's byte count or error,
+        once all have finished. Default: `hook` off the loop, then `pwritev`, per transfer."""
+
+        async def one(t: Transfer) -> int:
+            if t.hook is not None:
+                await _off_loop(t.hook)
+            return await self.pwritev(t.path, t.offset, t.bufs)
+
+        results, cancelled = await settle(one(t) for t in transfers)
+        if cancelled:
+            raise asyncio.CancelledError
+        return results
+
+    async def preadv_many(self, transfers: Sequence[Transfer]) -> list[int | BaseException]:
+        """Read every transfer concurrently (each one's `hook(nbytes)` once its bytes landed); returns each one's
+        byte count or error, once all have finished. Default: `preadv`, then `hook` off the loop, per transfer."""
+
+        async def one(t: Transfer) -> int:
+            n = await self.preadv(t.path, t.offset, t.bufs)
+            if t.hook is not None:
+                await _off_loop(t.hook, n)
+            return n
+
+        results, cancelled = await settle(one(t) for t in transfers)
+        if cancelled:
+            raise asyncio.CancelledError
+        return results
 
     @staticmethod
     async def _each(
@@ -237,6 +291,12 @@ class PosixFileIO(FileIO):
             _check_args(offset, t, allow_cuda=False)
         return await self._run(path, offset, datas, write=True)
 
+    async def pwritev_many(self, transfers: Sequence[Transfer]) -> list[int | BaseException]:
+        return await self._many(transfers, write=True)
+
+    async def preadv_many(self, transfers: Sequence[Transfer]) -> list[int | BaseException]:
+        return await self._many(transfers, write=False)
+
     async def fsync(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
 
@@ -339,6 +399,20 @@ class PosixFileIO(FileIO):
             raise err
         return sum(results)
 
+    async def _many(self, transfers: Sequence[Transfer], *, write: bool) -> list[int | BaseException]:
+        if self._closed:
+            raise RuntimeError("FileIO is closed")
+        for t in transfers:
+            for b in t.bufs:
+                _check_args(t.offset, b, allow_cuda=False)
+        if not transfers:
+            return []
+        batch = _Batch(self, transfers, write=write)
+        (_,), cancelled = await settle([batch.done])
+        if cancelled:
+            raise asyncio.CancelledError
+        return batch.results
+
     def _piece(
         self,
         h: _Handle,
@@ -368,6 +442,88 @@ class PosixFileIO(FileIO):
         with self._lock:
             self._counts["buffered_bytes"] += n
         return n
+
+
+class _Batch:
+    """The transfers of one `PosixFileIO.pwritev_many` / `preadv_many` call, run entirely on the pool.
+
+    Each piece is one pool task; a write's hook runs in the task that then writes the transfer's first piece,
+    a read's hook in the task that finishes its last piece. Only the batch's end wakes the event loop (`done`):
+    per-transfer futures would cost the loop a wake-up and the GIL a hand-off per block, which on a machine
+    with few cores delays the threads whose I/O has completed.
+    """
+
+    __slots__ = ("_io", "_left", "_lock", "_loop", "_op", "_pieces_left", "_write", "done", "results")
+
+    def __init__(self, io: PosixFileIO, transfers: Sequence[Transfer], *, write: bool) -> None:
+        self._io = io
+        self._write = write
+        self._op: Callable[[int, list[memoryview], int], int] = _pwrite_full if write else _pread_full
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self.results: list[int | BaseException] = [0] * len(transfers)
+        self._left = len(transfers)
+        plans = []
+        for t in transfers:
+            views = [_host_view(b) for b in t.bufs]
+            plans.append([(_segments(views, s, n), t.offset + s, d) for s, n, d in io._pieces(t.offset, t.bufs)])
+        self._pieces_left = [max(1, len(p)) for p in plans]
+        submit = io._pool.submit
+        for i, (t, pieces) in enumerate(zip(transfers, plans, strict=True)):
+            if write and t.hook is not None:
+                submit(self._hook_then_write, i, t, pieces)
+            else:
+                for piece in pieces or [None]:
+                    submit(self._piece, i, t, piece)
+
+    def _hook_then_write(self, i: int, t: Transfer, pieces: list[tuple[list[memoryview], int, bool]]) -> None:
+        try:
+            t.hook()
+        except BaseException as e:
+            self.results[i] = e
+            self._finished()
+            return
+        for piece in pieces[1:]:
+            self._io._pool.submit(self._piece, i, t, piece)
+        self._piece(i, t, pieces[0] if pieces else None)
+
+    def _piece(self, i: int, t: Transfer, piece: tuple[list[memoryview], int, bool] | None) -> None:
+        try:
+            if piece is None:
+                n: int | BaseException = 0
+            else:
+                segs, off, direct = piece
+                h = self._io._handle(t.path, create=self._write)
+                n = self._io._piece(h, str(t.path), self._op, segs, off, direct)
+        except BaseException as e:
+            n = e
+        with self._lock:
+            r = self.results[i]
+            if not isinstance(r, BaseException):
+                self.results[i] = n if isinstance(n, BaseException) else r + n
+            self._pieces_left[i] -= 1
+            last = self._pieces_left[i] == 0
+        if not last:
+            return
+        r = self.results[i]
+        if not self._write and t.hook is not None and not isinstance(r, BaseException):
+            try:
+                t.hook(r)
+            except BaseException as e:
+                self.results[i] = e
+        self._finished()
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class KvikioFileIO(FileIO):

@@ -27,7 +27,7 @@ import torch
 
 from kv_io.disk_format import block_capacity
 from kv_io.disk_store import DiskLocation, DiskStore, DiskWriteError
-from kv_io.file_io import FileIO, PosixFileIO
+from kv_io.file_io import FileIO, PosixFileIO, Transfer
 
 NAMESPACE = b"crash-test"
 
@@ -62,13 +62,15 @@ class _TearingIO(PosixFileIO):
         super().__init__(threads=2)
         self.torn_offset = torn_offset
 
-    async def pwritev(self, path: Path, offset: int, datas: Sequence[torch.Tensor]) -> int:
-        if offset == self.torn_offset:
-            header, data = datas
-            await super().pwritev(path, offset, [header, data[: data.numel() // 2]])
-            print(f"torn {offset}", flush=True)
-            await asyncio.sleep(3600)
-        return await super().pwritev(path, offset, datas)
+    async def pwritev_many(self, transfers: Sequence[Transfer]) -> list[int | BaseException]:
+        for t in transfers:
+            if t.offset == self.torn_offset:
+                t.hook()  # the header, with the checksum of the whole payload
+                header, data = t.bufs
+                await super().pwritev(t.path, t.offset, [header, data[: data.numel() // 2]])
+                print(f"torn {t.offset}", flush=True)
+                await asyncio.sleep(3600)
+        return await super().pwritev_many(transfers)
 
 
 async def _loop(store: DiskStore, slab_bytes: int, num_slabs: int) -> None:

@@ -215,8 +215,8 @@ async def test_missing_slab_file_is_a_miss(store_dir: Path) -> None:
 
 async def test_io_error_is_a_counted_miss(store_dir: Path) -> None:
     class FailingReads(PosixFileIO):
-        async def preadv(self, path, offset, outs):
-            raise OSError(5, "Input/output error")
+        async def preadv_many(self, transfers):
+            return [OSError(5, "Input/output error") for _ in transfers]
 
     fio = FailingReads(threads=2)
     store = await open_store(store_dir, file_io=fio)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from hypothesis import strategies as st
 
 from kv_io.align import ALIGN, aligned_empty
 from kv_io.file_io import (
+    FileIO,
     PosixFileIO,
+    Transfer,
     kvikio_gds_available,
     make_file_io,
     probe_direct_io,
@@ -182,3 +185,102 @@ def test_auto_picks_kvikio_only_with_gds() -> None:
     fio = make_file_io("auto", threads=3)
     assert fio.name == ("kvikio" if kvikio_gds_available() else "posix")
     asyncio.run(fio.close())
+
+
+class _PlainIO(FileIO):
+    """The base class's batch methods over a POSIX engine's single-buffer calls (as a third-party engine)."""
+
+    name = "plain"
+
+    def __init__(self) -> None:
+        self.inner = PosixFileIO(threads=2)
+
+    async def pread(self, path, offset, out):
+        return await self.inner.pread(path, offset, out)
+
+    async def pwrite(self, path, offset, data):
+        return await self.inner.pwrite(path, offset, data)
+
+    async def fsync(self, path):
+        await self.inner.fsync(path)
+
+    async def close(self):
+        await self.inner.close()
+
+
+@pytest.mark.parametrize("engine", ["posix", "base"])
+async def test_batches_run_hooks_next_to_their_io(tmp_path: Path, engine: str) -> None:
+    # chunk_bytes below the transfer size: each transfer is several pieces, the hooks still run once each.
+    fio = PosixFileIO(threads=3, chunk_bytes=2 * ALIGN) if engine == "posix" else _PlainIO()
+    path = tmp_path / "f.bin"
+    n = 4
+    heads = [aligned_empty(ALIGN) for _ in range(n)]
+    bodies = [_aligned_copy(_random(5 * ALIGN + 100, i)) for i in range(n)]
+    slot = 8 * ALIGN
+
+    def seal(i: int) -> None:  # fills the first buffer right before the write, as a header would be
+        heads[i].fill_(i + 1)
+
+    wrote = await fio.pwritev_many(
+        [Transfer(path, i * slot, [heads[i], bodies[i]], lambda i=i: seal(i)) for i in range(n)]
+    )
+    assert wrote == [ALIGN + b.numel() for b in bodies]
+    got: dict[int, int] = {}
+    outs = [(aligned_empty(ALIGN), aligned_empty(b.numel())) for b in bodies]
+    read = await fio.preadv_many(
+        [Transfer(path, i * slot, list(outs[i]), lambda nbytes, i=i: got.__setitem__(i, nbytes)) for i in range(n)]
+    )
+    assert read == wrote and got == dict(enumerate(wrote))
+    for i, (h, b) in enumerate(outs):
+        assert bool((h == i + 1).all()) and torch.equal(b, bodies[i])
+    await fio.close()
+
+
+@pytest.mark.parametrize("engine", ["posix", "base"])
+async def test_batch_errors_are_per_transfer(tmp_path: Path, engine: str) -> None:
+    fio = PosixFileIO(threads=2) if engine == "posix" else _PlainIO()
+    path = tmp_path / "f.bin"
+    buf = _aligned_copy(_random(ALIGN, 1))
+    assert await fio.pwritev_many([Transfer(path, 0, [buf])]) == [ALIGN]
+
+    def boom(*_: object) -> None:
+        raise ValueError("hook failed")
+
+    hooked: list[int] = []
+    results = await fio.preadv_many(
+        [
+            Transfer(tmp_path / "missing.bin", 0, [aligned_empty(ALIGN)], hooked.append),
+            Transfer(path, 0, [aligned_empty(ALIGN)], boom),
+            Transfer(path, 0, [aligned_empty(ALIGN)], hooked.append),
+        ]
+    )
+    assert isinstance(results[0], FileNotFoundError) and isinstance(results[1], ValueError)
+    assert results[2] == ALIGN and hooked == [ALIGN]  # a failed read does not run its hook
+    written = await fio.pwritev_many([Transfer(path, 0, [buf], boom), Transfer(path, ALIGN, [buf])])
+    assert isinstance(written[0], ValueError) and written[1] == ALIGN
+    assert await fio.pwritev_many([]) == [] and await fio.preadv_many([]) == []
+    await fio.close()
+
+
+async def test_cancelled_batch_returns_only_after_workers_finish(tmp_path: Path) -> None:
+    fio = PosixFileIO(threads=2)
+    path = tmp_path / "f.bin"
+    buf = _aligned_copy(_random(ALIGN, 2))
+    await fio.pwrite(path, 0, buf)
+    release = threading.Event()
+    finished: list[int] = []
+
+    def slow(nbytes: int) -> None:
+        release.wait(5)
+        finished.append(nbytes)
+
+    task = asyncio.create_task(fio.preadv_many([Transfer(path, 0, [aligned_empty(ALIGN)], slow)]))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still waiting for the worker that uses the buffer
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished == [ALIGN]
+    await fio.close()
