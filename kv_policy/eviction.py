@@ -791,8 +791,8 @@ class KvtierAdaptivePolicy(EvictionPolicy):
                 policy.access(block_id, info.last_access)
                 continue
             shadow.tip = None
-            while len(policy) >= cap and policy.pop_victim(block_id) is not None:
-                pass
+            if len(policy) >= cap:
+                policy.victims(len(policy) - cap + 1, incoming=block_id)
             if len(policy) < cap:
                 _insert_as(policy, block_id, info, info.last_access)
         self._events += 1

@@ -329,8 +329,9 @@ class LMDeployStore:
         with self._lock:
             self._lookups[request_id] = _Lookup(rk, first, chosen)
         self.stats.hits += 1
-        on_disk = sum(Tier.DDR not in n.payload.copies for n in chosen)
-        log.info("kvtier: request %d loads %d blocks (%d from disk)", request_id, len(chosen), on_disk)
+        if log.isEnabledFor(logging.INFO):  # the count walks the chosen blocks: only when it is logged
+            on_disk = sum(Tier.DDR not in n.payload.copies for n in chosen)
+            log.info("kvtier: request %d loads %d blocks (%d from disk)", request_id, len(chosen), on_disk)
         return (first + len(chosen)) * bs - int(num_computed), True
 
     def _match(self, rk: RequestKeys) -> list[BlockNode]:
