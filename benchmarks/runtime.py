@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--file-io", choices=("auto", "posix", "kvikio"), default="auto", help="the disk store's file engine"
     )
+    parser.add_argument("--io-threads", type=int, default=None, help="the file engine's threads (default: its own)")
+    parser.add_argument(
+        "--io-chunk-mib", type=int, default=None, help="the file engine's request size in MiB (default: its own)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -155,7 +159,8 @@ async def _disk_part(
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-", dir=base) as tmp:
         directory = Path(tmp)
         slab = block_capacity(bb) * nblocks
-        file_io = make_file_io(args.file_io)
+        chunk = None if args.io_chunk_mib is None else args.io_chunk_mib << 20
+        file_io = make_file_io(args.file_io, threads=args.io_threads, chunk_bytes=chunk)
         disk = await DiskPool.open(directory / "store", slab_bytes=slab, num_slabs=1, file_io=file_io)
         pools = {Tier.DDR: DDRPool(nblocks * bb), Tier.DISK: disk}
         if cuda:
@@ -265,6 +270,8 @@ async def _disk_part(
     ref["raw_disk_write_GBps"] = row["raw_write_GBps"]
     ref["disk_blocks"] = nblocks
     ref["disk_groups"] = mig.disk_groups
+    ref["io_threads"] = file_io.threads
+    ref["io_chunk_bytes"] = file_io.chunk_bytes
     ref["disk_trials"] = repeats
     ref["page_cache"] = "bypassed: O_DIRECT on both the reference and the store's file engine"
     notes.append(

@@ -204,21 +204,77 @@ def _describe(owner: object) -> str:
 _IN_FLIGHT = object()
 
 
-def _seal(it: BlockWrite, payload: memoryview, header: memoryview, sums: list[int | None], i: int) -> None:
-    """Before block `i` is written (on the writing thread): its payload checksum unless known, then its header."""
-    if sums[i] is None:
-        sums[i] = payload_checksum(payload)
-    header[:] = encode_header(it.namespace, it.key, len(payload), sums[i])
+class _Run(NamedTuple):
+    """Blocks of one batch that lie end to end in a slab, moved as one request: `members` are batch indices in
+    file order, `starts` their byte offsets from `offset`."""
+
+    slab: int
+    offset: int
+    members: list[int]
+    starts: list[int]
 
 
-def _sum_read(payload: memoryview | torch.Tensor, full: int, sums: list[int | None], i: int, got: int) -> None:
-    """Once block `i` was read (on the reading thread): its payload checksum, if all `full` bytes arrived.
+def _runs(locations: Sequence[DiskLocation], lengths: Sequence[int], limit: int) -> list[_Run]:
+    """Group a batch's blocks into runs of file-adjacent slots, each run at most `limit` bytes (a lone block
+    may exceed it).
+
+    A block joins the run before it when its slot starts where that run's last slot ends and that last block
+    fills its slot (no padding between them to skip). Fewer, larger requests keep the drive's queue fuller for
+    the same number of I/O threads; `limit` is the file engine's request size, so a run is one request.
+    """
+    runs: list[_Run] = []
+    order = sorted(range(len(locations)), key=lambda i: (locations[i].slab, locations[i].offset))
+    for i in order:
+        loc = locations[i]
+        if runs:
+            run = runs[-1]
+            last = run.members[-1]
+            prev = locations[last]
+            end = run.starts[-1] + HEADER_BYTES + lengths[last]
+            if (
+                prev.slab == loc.slab
+                and prev.offset + prev.capacity == loc.offset
+                and HEADER_BYTES + lengths[last] == prev.capacity
+                and end + HEADER_BYTES + lengths[i] <= limit
+            ):
+                run.members.append(i)
+                run.starts.append(end)
+                continue
+        runs.append(_Run(loc.slab, loc.offset, [i], [0]))
+    return runs
+
+
+def _run_buffers(run: _Run, headers: Sequence[torch.Tensor], payloads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Header page and payload of every block of `run`, in file order (empty payloads left out)."""
+    return [b for i in run.members for b in (headers[i], payloads[i]) if b.numel()]
+
+
+def _seal(run: list[tuple[BlockWrite, memoryview, memoryview, int]], sums: list[int | None]) -> None:
+    """Before a run is written (on the writing thread): each block's payload checksum unless known, then its
+    header."""
+    for it, payload, header, i in run:
+        if sums[i] is None:
+            sums[i] = payload_checksum(payload)
+        header[:] = encode_header(it.namespace, it.key, len(payload), sums[i])
+
+
+def _sum_read(
+    run: list[tuple[memoryview | torch.Tensor, int, int, int]],
+    sums: list[int | None],
+    got: list[int | BaseException],
+    n: int,
+) -> None:
+    """Once a run was read (`n` bytes, on the reading thread): how many bytes of each block arrived, and the
+    payload checksum of each block that arrived whole. Items are (payload, start in the run, header + payload
+    bytes, batch index).
 
     A block read straight into GPU memory is verified through one device-to-host copy; the fast path for
     disk -> HBM is disk -> pinned staging (verified) -> HBM.
     """
-    if got == full:
-        sums[i] = payload_checksum(payload.cpu() if isinstance(payload, torch.Tensor) else payload)
+    for payload, start, full, i in run:
+        got[i] = min(full, max(0, n - start))
+        if got[i] == full:
+            sums[i] = payload_checksum(payload.cpu() if isinstance(payload, torch.Tensor) else payload)
 
 
 class DiskStore:
@@ -234,9 +290,18 @@ class DiskStore:
 
     @classmethod
     async def open(
-        cls, directory: Path, *, slab_bytes: int, num_slabs: int, file_io: FileIO | None = None
+        cls,
+        directory: Path,
+        *,
+        slab_bytes: int,
+        num_slabs: int,
+        file_io: FileIO | None = None,
+        io_threads: int | None = None,
     ) -> DiskStore:
         """Open (creating if absent) a store, recover its published blocks, and lock the directory.
+
+        The store moves bytes through `file_io`, or through an engine of its own (`make_file_io`, `io_threads`
+        threads) that it closes with itself.
 
         Recovery: every committed row is a durable block; rows that point outside a slab file that has since
         shrunk (truncation) or outside the geometry are dropped (counted in `stats()["dropped_on_open"]`).
@@ -245,12 +310,14 @@ class DiskStore:
             raise ValueError(f"slab_bytes must be a positive multiple of {ALIGN}, got {slab_bytes!r}")
         if not isinstance(num_slabs, int) or num_slabs <= 0:
             raise ValueError(f"num_slabs must be a positive int, got {num_slabs!r}")
+        if file_io is not None and io_threads is not None:
+            raise ValueError("io_threads sets the store's own file engine; it cannot apply to a given file_io")
         self = object.__new__(cls)
         self.directory = Path(directory)
         self.slab_bytes = slab_bytes
         self.num_slabs = num_slabs
         self._owns_file_io = file_io is None
-        self._file_io = make_file_io() if file_io is None else file_io
+        self._file_io = make_file_io(threads=io_threads) if file_io is None else file_io
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="kv_io-sqlite")
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -434,6 +501,11 @@ class DiskStore:
         """Every published block, ordered by slab and offset."""
         return sorted(self._records.values(), key=lambda r: (r.location.slab, r.location.offset))
 
+    @property
+    def file_io(self) -> FileIO:
+        """The file engine that moves this store's bytes."""
+        return self._file_io
+
     def get(self, namespace: bytes, key: bytes) -> DiskRecord | None:
         return self._records.get((namespace, key))
 
@@ -552,11 +624,11 @@ class DiskStore:
     async def _write_durable(
         self, blocks: list[tuple[BlockWrite, torch.Tensor]], checksums: list[int] | None = None
     ) -> list[int]:
-        """Write blocks, header page and payload as one request each, then fdatasync each touched slab once (one
-        barrier per slab per batch, not per block). Any failure becomes DiskWriteError. Returns the payload
-        checksums (computed here unless given).
+        """Write blocks, header pages and payloads of file-adjacent blocks as one request (`_runs`), then fdatasync
+        each touched slab once (one barrier per slab per batch, not per block). Any failure becomes
+        DiskWriteError. Returns the payload checksums (computed here unless given).
 
-        A block's checksum and header are computed on the pool thread that then writes it (`_seal`), so the
+        A run's checksums and headers are computed on the pool thread that then writes it (`_seal`), so the
         checksums of some blocks overlap the writes of others, and a block costs the event loop no wake-up of
         its own.
         """
@@ -564,11 +636,15 @@ class DiskStore:
         # holding part of a bounded pool while waiting for the rest could deadlock against another batch.
         headers = aligned_empty(HEADER_BYTES * len(blocks)).split(HEADER_BYTES) if blocks else ()
         sums: list[int | None] = [None] * len(blocks) if checksums is None else list(checksums)
+        payloads = [data for _, data in blocks]
+        locations = [it.location for it, _ in blocks]
         transfers = []
-        for i, ((it, data), header) in enumerate(zip(blocks, headers, strict=True)):
-            seal = functools.partial(_seal, it, as_bytes_view(data), memoryview(header.numpy()), sums, i)
-            bufs = [header, data] if data.numel() else [header]
-            transfers.append(Transfer(self.slab_path(it.location.slab), it.location.offset, bufs, seal))
+        for run in _runs(locations, [p.numel() for p in payloads], self._file_io.chunk_bytes):
+            members = [
+                (blocks[i][0], as_bytes_view(payloads[i]), memoryview(headers[i].numpy()), i) for i in run.members
+            ]
+            seal = functools.partial(_seal, members, sums)
+            transfers.append(Transfer(self.slab_path(run.slab), run.offset, _run_buffers(run, headers, payloads), seal))
         try:
             results = await self._file_io.pwritev_many(transfers)
         except asyncio.CancelledError:
@@ -636,21 +712,30 @@ class DiskStore:
     async def _read_verified(
         self, records: Sequence[DiskRecord], outs: Sequence[torch.Tensor], *, count: bool
     ) -> list[bool]:
-        # Every block is one request, header page and payload; its checksum runs on the pool thread that read
-        # it, as soon as its own bytes have landed, overlapping the reads of the others.
+        # File-adjacent blocks are one request (`_runs`); each block's checksum runs on the pool thread that read
+        # its run, as soon as the run's bytes have landed, overlapping the reads of other runs.
         headers = aligned_empty(HEADER_BYTES * len(records)).split(HEADER_BYTES) if records else ()
         sums: list[int | None] = [None] * len(records)
+        got: list[int | BaseException] = [0] * len(records)
+        views = [out[: rec.length] for rec, out in zip(records, outs, strict=True)]
+        summed = [as_bytes_view(v) if v.device.type == "cpu" else v for v in views]
+        lengths = [rec.length for rec in records]
+        runs = _runs([rec.location for rec in records], lengths, self._file_io.chunk_bytes)
         transfers = []
-        for i, (rec, out, header) in enumerate(zip(records, outs, headers, strict=True)):
-            view = out[: rec.length]
-            payload = as_bytes_view(view) if view.device.type == "cpu" else view
-            bufs = [header, view] if rec.length else [header]
-            check = functools.partial(_sum_read, payload, HEADER_BYTES + rec.length, sums, i)
-            transfers.append(Transfer(self.slab_path(rec.location.slab), rec.location.offset, bufs, check))
-        results = await self._file_io.preadv_many(transfers)
+        for run in runs:
+            members = [
+                (summed[i], start, HEADER_BYTES + lengths[i], i)
+                for i, start in zip(run.members, run.starts, strict=True)
+            ]
+            check = functools.partial(_sum_read, members, sums, got)
+            transfers.append(Transfer(self.slab_path(run.slab), run.offset, _run_buffers(run, headers, views), check))
+        for run, result in zip(runs, await self._file_io.preadv_many(transfers), strict=True):
+            if isinstance(result, BaseException):
+                for i in run.members:
+                    got[i] = result
         ok = []
-        for rec, header, got, actual in zip(records, headers, results, sums, strict=True):
-            verdict = self._verdict(rec, header, got, actual)
+        for rec, header, n, actual in zip(records, headers, got, sums, strict=True):
+            verdict = self._verdict(rec, header, n, actual)
             if verdict is not None:
                 log.warning("disk block %r/%r at %s is a miss (%s)", rec.namespace, rec.key, rec.location, verdict)
             if count:

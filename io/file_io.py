@@ -100,6 +100,9 @@ class FileIO(ABC):
     """
 
     name: str
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """The engine's request size: larger transfers are split into requests of this size. Callers that merge
+    adjacent transfers into one (the disk store's runs of adjacent blocks) keep each within it."""
 
     @abstractmethod
     async def pread(self, path: Path, offset: int, out: torch.Tensor) -> int: ...
@@ -654,7 +657,9 @@ def kvikio_gds_available() -> bool:
     return callable(preferred) and not preferred()
 
 
-def make_file_io(kind: str = "auto", *, threads: int | None = None, direct: bool = True) -> FileIO:
+def make_file_io(
+    kind: str = "auto", *, threads: int | None = None, direct: bool = True, chunk_bytes: int | None = None
+) -> FileIO:
     """The file I/O engine: "kvikio", "posix", or "auto".
 
     "auto" picks KvikIO where it has GPUDirect Storage (the drive DMAs into device memory), and POSIX otherwise.
@@ -667,7 +672,7 @@ def make_file_io(kind: str = "auto", *, threads: int | None = None, direct: bool
     if kind == "kvikio":
         return KvikioFileIO(threads=threads, direct=direct)
     if kind == "posix":
-        return PosixFileIO(threads=threads, direct=direct)
+        return PosixFileIO(threads=threads, direct=direct, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES)
     raise ValueError(f"unknown file I/O engine {kind!r}; expected 'auto', 'kvikio' or 'posix'")
 
 

@@ -391,20 +391,27 @@ class DiskPool(_ExtentPool):
         self.overlapping_records = 0
 
     @classmethod
-    async def open(cls, directory: Any, *, slab_bytes: int, num_slabs: int, file_io: Any = None) -> DiskPool:
+    async def open(
+        cls, directory: Any, *, slab_bytes: int, num_slabs: int, file_io: Any = None, io_threads: int | None = None
+    ) -> DiskPool:
         """Open (or create) the store and rebuild the allocator from every block it has published."""
-        store = await DiskStore.open(directory, slab_bytes=slab_bytes, num_slabs=num_slabs, file_io=file_io)
+        store = await DiskStore.open(
+            directory, slab_bytes=slab_bytes, num_slabs=num_slabs, file_io=file_io, io_threads=io_threads
+        )
         pool = cls(store, slab_bytes, num_slabs)
         pool.adopt_records(store.records())
         return pool
 
     @classmethod
-    async def open_sized(cls, directory: Any, capacity_bytes: int, *, file_io: Any = None) -> DiskPool:
+    async def open_sized(
+        cls, directory: Any, capacity_bytes: int, *, file_io: Any = None, io_threads: int | None = None
+    ) -> DiskPool:
         """:meth:`open` with ``capacity_bytes`` split into slab files of at most ``MAX_SLAB_BYTES``."""
         if capacity_bytes <= 0:
             raise ValueError(f"disk capacity must be > 0, got {capacity_bytes}")
         slab = min(MAX_SLAB_BYTES, round_up(capacity_bytes, ALIGN))
-        return await cls.open(directory, slab_bytes=slab, num_slabs=-(-capacity_bytes // slab), file_io=file_io)
+        num_slabs = -(-capacity_bytes // slab)
+        return await cls.open(directory, slab_bytes=slab, num_slabs=num_slabs, file_io=file_io, io_threads=io_threads)
 
     def reserve_bytes(self, nbytes: int) -> int:
         return block_capacity(nbytes)

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from kv_io.file_io import DEFAULT_THREADS
 from kv_runtime.logs import LOG_LEVEL_ENV
 
 if sys.version_info >= (3, 11):
@@ -67,7 +68,7 @@ class KVTierConfig:
     cache_dir: Path = Path("kvtier-cache")
     write_mode: str = "selective"
     cache_salt: str = ""
-    io_threads: int = 4
+    io_threads: int = DEFAULT_THREADS  # the disk tier's I/O threads
     max_inflight_bytes: int = 256 << 20
     # The prefill throughput (TFLOP/s) the cost model starts from; 0: measured at start by the transformers
     # engine, 400 under LMDeploy. The model refines it online from observed prefills.

@@ -124,7 +124,9 @@ class KVTierEngine:
             raise ValueError("the transformers engine restores through host memory: ddr_bytes must be > 0")
         pools: dict[Tier, Any] = {Tier.DDR: DDRPool(cfg.ddr_bytes)}
         if cfg.disk_bytes:
-            pools[Tier.DISK] = await DiskPool.open_sized(cfg.cache_dir / "blocks", cfg.disk_bytes)
+            pools[Tier.DISK] = await DiskPool.open_sized(
+                cfg.cache_dir / "blocks", cfg.disk_bytes, io_threads=cfg.io_threads
+            )
         self.hierarchy = HierarchyManager(pools)
         if Tier.DISK in pools:
             self.hierarchy.adopt_disk()

@@ -23,6 +23,7 @@ from kv_io.disk_store import (
     DiskStore,
     DiskWriteError,
     StoreLockedError,
+    _runs,
 )
 from kv_io.file_io import PosixFileIO, probe_direct_io
 
@@ -194,6 +195,82 @@ async def test_truncated_slab_is_a_miss_and_dropped_on_reopen(store_dir: Path) -
     await store.close()
 
 
+def adjacent_blocks(sizes: list[int], start: int = 0) -> list[DiskLocation]:
+    """Slots laid end to end in slab 0 from `start`, one per payload size."""
+    locs, offset = [], start
+    for n in sizes:
+        locs.append(loc(0, offset, n))
+        offset += block_capacity(n)
+    return locs
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    blocks=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 15), st.sampled_from([0, 100, ALIGN, 2 * ALIGN, 3 * ALIGN])),
+        max_size=12,
+        unique_by=lambda b: b[:2],
+    ),
+    limit_pages=st.integers(1, 8),
+)
+def test_runs_partition_a_batch_into_adjacent_requests(blocks: list[tuple[int, int, int]], limit_pages: int) -> None:
+    """Every block is in exactly one run; a run is slots laid end to end with no padding between its blocks,
+    within the request limit unless it is a single block, and no two consecutive runs could have been one."""
+    slot = block_capacity(3 * ALIGN)
+    locations = [DiskLocation(s, i * slot, block_capacity(n)) for s, i, n in blocks]
+    lengths = [n for _, _, n in blocks]
+    limit = limit_pages * ALIGN
+    runs = _runs(locations, lengths, limit)
+    assert sorted(i for r in runs for i in r.members) == list(range(len(blocks)))
+    for r in runs:
+        assert r.starts[0] == 0 and len(r.starts) == len(r.members)
+        for a, b, start in zip(r.members, r.members[1:], r.starts[1:], strict=False):
+            assert locations[b].slab == locations[a].slab == r.slab
+            assert locations[b].offset == locations[a].offset + locations[a].capacity
+            assert HEADER_BYTES + lengths[a] == locations[a].capacity  # no padding skipped
+            assert r.offset + start == locations[b].offset
+        if len(r.members) > 1:
+            assert r.starts[-1] + HEADER_BYTES + lengths[r.members[-1]] <= limit
+
+
+async def test_adjacent_blocks_move_as_one_request_and_verify_one_by_one(store_dir: Path) -> None:
+    """With a request size that spans several blocks, a batch of adjacent blocks is read and written in runs;
+    a corrupt block inside a run is a miss on its own, and its neighbours still verify."""
+    fio = PosixFileIO(threads=2, chunk_bytes=8 * ALIGN)
+    store = await open_store(store_dir, file_io=fio)
+    sizes = [ALIGN, 2 * ALIGN, ALIGN, 3 * ALIGN, 100]  # the last one's slot has padding: it ends its run
+    locations = adjacent_blocks(sizes)
+    assert [r.members for r in _runs(locations, sizes, fio.chunk_bytes)] == [[0, 1, 2], [3, 4]]
+    datas = [payload(n, 40 + i) for i, n in enumerate(sizes)]
+    items = [(NS, b"b%d" % i, lo, d) for i, (lo, d) in enumerate(zip(locations, datas, strict=True))]
+    recs = await store.write_many(items)
+    outs = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    assert await store.read_many(recs, outs) == [True] * 5
+    assert all(torch.equal(o, d) for o, d in zip(outs, datas, strict=True))
+    with open(store.slab_path(0), "r+b") as f:
+        f.seek(locations[1].offset + HEADER_BYTES + 7)
+        f.write(b"\xff\x00\xff")
+    assert await store.read_many(recs, outs) == [True, False, True, True, True]
+    assert store.stats()["corrupt"] == 1
+    await store.close()
+    await fio.close()
+
+
+async def test_truncation_inside_a_run_misses_only_the_cut_blocks(store_dir: Path) -> None:
+    fio = PosixFileIO(threads=2, chunk_bytes=16 * ALIGN)
+    store = await open_store(store_dir, file_io=fio)
+    sizes = [ALIGN] * 4
+    locations = adjacent_blocks(sizes)
+    assert len(_runs(locations, sizes, fio.chunk_bytes)) == 1
+    recs = await store.write_many([(NS, b"t%d" % i, lo, payload(ALIGN, i)) for i, lo in enumerate(locations)])
+    os.truncate(store.slab_path(0), locations[2].offset + HEADER_BYTES + 10)  # cuts the third block's payload
+    outs = [torch.empty(ALIGN, dtype=torch.uint8) for _ in sizes]
+    assert await store.read_many(recs, outs) == [True, True, False, False]
+    assert store.stats()["missing"] == 2
+    await store.close()
+    await fio.close()
+
+
 async def test_missing_slab_file_is_a_miss(store_dir: Path) -> None:
     store = await open_store(store_dir, file_io=PosixFileIO(threads=2))
     rec = await store.write(NS, b"k", loc(1, 0, 5000), payload(5000, 9))
@@ -327,6 +404,14 @@ async def test_existing_directory_is_tightened(tmp_path: Path) -> None:
     store = await open_store(d)
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     await store.close()
+
+
+async def test_io_threads_size_the_stores_own_engine(store_dir: Path) -> None:
+    store = await open_store(store_dir, io_threads=3)
+    assert store.file_io.threads == 3
+    await store.close()
+    with pytest.raises(ValueError, match="io_threads"):
+        await open_store(store_dir, file_io=PosixFileIO(threads=2), io_threads=3)
 
 
 async def test_one_open_store_per_directory(store_dir: Path) -> None:

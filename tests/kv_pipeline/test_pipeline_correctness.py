@@ -174,3 +174,8 @@ async def test_corrupt_block_demoted_by_a_tiny_ddr_is_recomputed(make_engine):
         assert m.load_misses == 1
         assert sum(m.reused_tokens.values()) <= disk_only[0] * BLOCK
         assert engine.hierarchy.pool(Tier.DISK).store.stats()["corrupt"] == 1
+
+
+async def test_io_threads_reach_the_disk_tier(make_engine):
+    async with make_engine(io_threads=3) as engine:
+        assert engine.hierarchy.pools[Tier.DISK].store.file_io.threads == 3
