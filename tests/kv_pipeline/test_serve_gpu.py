@@ -66,6 +66,8 @@ class _Server:
         self.log = log
         cmd = [sys.executable, "-m", "kv_pipeline.cli", "--log-level", "INFO", "serve", str(model)]
         cmd += ["--ddr-bytes", "1GiB", "--disk-bytes", "1GiB", "--cache-dir", str(cache), "--session-len", "8192"]
+        # every saved block goes to disk at once (the default, selective, waits for a block's second use)
+        cmd += ["--write-mode", "write-through"]
         # a tiny model prefills in microseconds by its FLOPs: a low prior makes the cost model load its blocks
         cmd += ["--prefill-tflops", "0.001"]
         cmd += ["--cache-max-entry-count", "0.05", "--server-name", "127.0.0.1", "--server-port", str(self.port)]
