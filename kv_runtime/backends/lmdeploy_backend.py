@@ -61,7 +61,7 @@ from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, RequestKeys, Stale
 
 log = logging.getLogger(__name__)
 
-LOAD_CHUNK_BYTES = 256 << 20  # disk -> DDR -> HBM in chunks: one chunk's copy up overlaps the next one's read
+LOAD_CHUNK_BYTES = 256 << 20  # disk -> DDR -> HBM in chunks: one chunk's copy up overlaps the later ones' reads
 HINT_TTL_S = 120.0
 WRITE_MODES = ("write-through", "selective")
 
@@ -593,19 +593,19 @@ class LMDeployStore:
         return self.migrator.copy_engine_cells(False, cells, [r.copies[Tier.DDR] for r in residencies], after=ready)
 
     async def _load_from_disk(self, load: _Load, residencies: list[Residency], ready: torch.cuda.Event) -> None:
-        """Disk -> DDR (verified) chunk by chunk, each chunk queued up to the engine's cells as soon as it is in
-        DDR; a block that fails ends the load there (the rest is reported invalid: LMDeploy recomputes)."""
+        """Disk -> DDR (verified) in chunks whose reads are all issued at once, so the drive's queue never drains
+        between chunks; each chunk is queued up to the engine's cells as soon as it is in DDR, in order. A block
+        that fails ends the load there (the rest is reported invalid: LMDeploy recomputes)."""
         ok = from_disk = 0
         event = None
+        per = max(1, LOAD_CHUNK_BYTES // self.layout.block_bytes)
+        starts = range(0, len(residencies), per)
+        reads = [asyncio.ensure_future(self._read_up(residencies[lo : lo + per])) for lo in starts]
+        failed = False
         try:
-            per = max(1, LOAD_CHUNK_BYTES // self.layout.block_bytes)
-            for lo in range(0, len(residencies), per):
+            for lo, read in zip(starts, reads, strict=True):
                 chunk = residencies[lo : lo + per]
-                up = [r for r in chunk if Tier.DDR not in r.copies]
-                if up:
-                    result = await self.migrator.migrate(MigrationPlan(Tier.DISK, Tier.DDR, up))
-                    self.stats.load_misses += len(result.missed)
-                    from_disk += len(result.moved)
+                from_disk += await read
                 good = 0
                 for r in chunk:
                     if Tier.DDR not in r.copies:
@@ -618,6 +618,10 @@ class LMDeployStore:
                     break
         except Exception:
             log.warning("kvtier load for request %d failed; LMDeploy recomputes it", load.request_id, exc_info=True)
+            failed = True
+        # Reads past a failed block still end before the load is reported: nothing of it runs behind it.
+        await asyncio.gather(*reads, return_exceptions=True)
+        if failed:
             if event is not None:
                 await wait_event(event)  # never report while a copy into the engine's cells may still run
             self._load_done(load, 0, from_disk)
@@ -627,6 +631,15 @@ class LMDeployStore:
             return
         with self._lock:
             self._copying.append((event, load, ok, from_disk))
+
+    async def _read_up(self, chunk: list[Residency]) -> int:
+        """The chunk's disk-only blocks up to DDR (verified); returns how many came up."""
+        up = [r for r in chunk if Tier.DDR not in r.copies]
+        if not up:
+            return 0
+        result = await self.migrator.migrate(MigrationPlan(Tier.DISK, Tier.DDR, up))
+        self.stats.load_misses += len(result.missed)
+        return len(result.moved)
 
     def _load_done(self, load: _Load, ok: int, from_disk: int) -> None:
         """The load's copies have ended: release its pins, learn from it, report it."""
