@@ -87,6 +87,10 @@ class MigrationResult:
 
 @dataclass(slots=True)
 class DirectionStats:
+    """Totals of one direction. ``seconds`` is the time during which at least one of its plans was moving
+    bytes: plans that overlap (a disk load reads all its chunks at once) count once, so ``gbps`` is what the
+    direction delivered rather than bytes over a sum of overlapping durations."""
+
     blocks: int = 0
     nbytes: int = 0
     seconds: float = 0.0
@@ -94,10 +98,24 @@ class DirectionStats:
     misses: int = 0
     failures: int = 0
     cancelled: int = 0
+    active: int = 0
+    busy_since: float = 0.0
 
     @property
     def gbps(self) -> float:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def begin(self, now: float) -> None:
+        """A plan of this direction starts moving bytes at ``now``."""
+        if self.active == 0:
+            self.busy_since = now
+        self.active += 1
+
+    def end(self, now: float) -> None:
+        """A plan that began has ended (done, failed or cancelled) at ``now``."""
+        self.active -= 1
+        if self.active == 0:
+            self.seconds += now - self.busy_since
 
 
 class MigrationHandle:
@@ -254,8 +272,13 @@ class KVMigrator:
                 dst_pool.acquire_io(slot)
                 busy[i] = True
             start = time.perf_counter()
-            ok = await self._transfer(src, dst, blocks, src_slots, dst_slots, plan.after)
-            result.seconds = time.perf_counter() - start
+            stats.begin(start)
+            try:
+                ok = await self._transfer(src, dst, blocks, src_slots, dst_slots, plan.after)
+            finally:
+                end = time.perf_counter()
+                stats.end(end)
+            result.seconds = end - start
             for i, r in enumerate(blocks):
                 slot, dst_slots[i] = dst_slots[i], None
                 dst_pool.release_io(slot)
@@ -271,7 +294,6 @@ class KVMigrator:
             stats.plans += 1
             stats.blocks += len(result.moved)
             stats.nbytes += result.nbytes
-            stats.seconds += result.seconds
             stats.misses += len(result.missed)
             stats.failures += len(result.failed)
         except asyncio.CancelledError:

@@ -14,7 +14,7 @@ from runtime_helpers import BLOCK_TOKENS, block_bytes, tokens
 from kv_io.file_io import FileIO, make_file_io
 from kv_runtime.events import EventKind
 from kv_runtime.hierarchy import HierarchyManager
-from kv_runtime.migrator import KVMigrator, MigrationPlan
+from kv_runtime.migrator import DirectionStats, KVMigrator, MigrationPlan
 from kv_runtime.pools import DDRPool, DiskPool, PoolFullError, Tier
 
 KIB = 1024
@@ -91,6 +91,30 @@ async def test_ddr_disk_round_trip_and_demotion(tmp_path, keyer):
     assert stats["DDR->DISK"]["bytes"] == stats["DISK->DDR"]["bytes"] == 6 * NBYTES
     assert h.events.count(EventKind.STORED, Tier.DISK) == 6
     assert h.events.count(EventKind.REMOVED, Tier.DDR) == 6
+    no_leaks(h)
+    await h.pools[Tier.DISK].store.close()
+
+
+def test_direction_seconds_count_overlapping_plans_once():
+    stats = DirectionStats()
+    stats.begin(0.0)
+    stats.begin(1.0)  # overlaps the first plan
+    stats.end(2.0)
+    stats.end(3.0)
+    stats.begin(5.0)  # after an idle gap, which is not counted
+    stats.end(6.0)
+    assert stats.seconds == 4.0
+    stats.nbytes = 8 * 10**9
+    assert stats.gbps == 2.0
+
+
+async def test_concurrent_plans_report_their_common_time(tmp_path, keyer):
+    h, mig = await open_hierarchy(tmp_path)
+    chains = [fill(h, keyer, 20 + i, 3) for i in range(2)]
+    plans = [MigrationPlan(Tier.DDR, Tier.DISK, [n.payload for n in nodes]) for _, nodes, _ in chains]
+    results = await asyncio.gather(*(mig.migrate(p) for p in plans))
+    seconds = mig.direction_stats()["DDR->DISK"]["seconds"]
+    assert max(r.seconds for r in results) <= seconds <= sum(r.seconds for r in results)
     no_leaks(h)
     await h.pools[Tier.DISK].store.close()
 
