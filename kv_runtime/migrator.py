@@ -42,7 +42,7 @@ from kv_runtime.pools import DDRPool, DiskPool, HBMPool, Slot, Tier
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 << 20
-DISK_GROUPS = 4  # concurrent store calls per plan: checksums and commits of one overlap the I/O of others
+DISK_GROUPS = 4  # concurrent store calls per plan: one's fdatasync and commit overlap the others' I/O
 STAGING_BUFFERS = 4  # pinned chunks in flight between HBM and disk
 
 
@@ -351,7 +351,7 @@ class KVMigrator:
         self, blocks: list[Residency], slots: list[Slot], payloads: list[torch.Tensor]
     ) -> list[Outcome]:
         """Batched writes, durable before published. The batch is split into a few concurrent groups so that
-        one group's checksums and commit overlap another's I/O; each group is all or nothing."""
+        one group's durability barrier and commit overlap another's I/O; each group is all or nothing."""
         disk: DiskPool = self.hierarchy.pools[Tier.DISK]
         items = []
         for r, slot, payload in zip(blocks, slots, payloads, strict=True):
