@@ -647,9 +647,7 @@ class DiskStore:
             transfers.append(Transfer(self.slab_path(run.slab), run.offset, _run_buffers(run, headers, payloads), seal))
         try:
             results = await self._file_io.pwritev_many(transfers)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
+        except Exception as e:  # CancelledError is not an Exception: it propagates
             results = [e]
         err = first_error(results)
         if err is None:

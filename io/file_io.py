@@ -92,6 +92,17 @@ async def _off_loop(fn: Callable[..., T], *args: object) -> T:
     return result
 
 
+def _engine_sizes(threads: int | None, chunk_bytes: int | None) -> tuple[int, int]:
+    """An engine's thread count and request size, defaults filled in and checked."""
+    threads = DEFAULT_THREADS if threads is None else threads
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0 or chunk_bytes % ALIGN:
+        raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGN}, got {chunk_bytes!r}")
+    return threads, chunk_bytes
+
+
 class FileIO(ABC):
     """Positional reads and writes of whole uint8 tensors, awaited on the event loop.
 
@@ -253,18 +264,10 @@ class PosixFileIO(FileIO):
 
     name = "posix"
 
-    def __init__(
-        self, *, threads: int | None = None, direct: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    ) -> None:
-        threads = DEFAULT_THREADS if threads is None else threads
-        if not isinstance(threads, int) or threads <= 0:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
-        if chunk_bytes <= 0 or chunk_bytes % ALIGN:
-            raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGN}, got {chunk_bytes}")
+    def __init__(self, *, threads: int | None = None, direct: bool = True, chunk_bytes: int | None = None) -> None:
+        self.threads, self.chunk_bytes = _engine_sizes(threads, chunk_bytes)
         self.direct = direct
-        self.threads = threads
-        self.chunk_bytes = chunk_bytes
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kv_io-posix")
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kv_io-posix")
         self._handles: dict[str, _Handle] = {}
         self._lock = threading.Lock()
         self._counts = {"direct_bytes": 0, "buffered_bytes": 0, "direct_fallbacks": 0}
@@ -537,22 +540,21 @@ class KvikioFileIO(FileIO):
 
     Reads and writes take host tensors or CUDA tensors; with GDS a CUDA tensor is filled by DMA from the drive,
     in compatibility mode KvikIO bounces through its own pinned buffers. KvikIO parallelises one transfer over
-    its thread pool (default size 1, which is slow), so the pool size is set from `threads`. Its futures are
-    awaited from a small waiter pool so the event loop never blocks.
+    its thread pool (default size 1, which is slow) in tasks of its `task_size`, so the pool size is set from
+    `threads` and the task size from `chunk_bytes`. Its futures are awaited from a small waiter pool so the event
+    loop never blocks.
     """
 
     name = "kvikio"
 
-    def __init__(self, *, threads: int | None = None, direct: bool = True) -> None:
+    def __init__(self, *, threads: int | None = None, direct: bool = True, chunk_bytes: int | None = None) -> None:
         import kvikio
         import kvikio.defaults
 
         self._kvikio = kvikio
-        threads = DEFAULT_THREADS if threads is None else threads
-        if not isinstance(threads, int) or threads <= 0:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
-        self.threads = threads
-        _kvikio_set(kvikio.defaults, "num_threads", threads, legacy="num_threads_reset")
+        self.threads, self.chunk_bytes = _engine_sizes(threads, chunk_bytes)
+        _kvikio_set(kvikio.defaults, "num_threads", self.threads, legacy="num_threads_reset")
+        _kvikio_set(kvikio.defaults, "task_size", self.chunk_bytes, legacy="task_size_reset")
         if direct:
             # Newer KvikIO can use O_DIRECT for aligned host transfers in compatibility mode; older ones lack it.
             for prop in ("auto_direct_io_read", "auto_direct_io_write"):
@@ -565,7 +567,7 @@ class KvikioFileIO(FileIO):
         self._files: dict[str, object] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._waiters = ThreadPoolExecutor(threads, thread_name_prefix="kv_io-kvikio")
+        self._waiters = ThreadPoolExecutor(self.threads, thread_name_prefix="kv_io-kvikio")
         self._closed = False
 
     def _file(self, path: Path, *, create: bool) -> object:
@@ -673,9 +675,9 @@ def make_file_io(
     if kind == "auto":
         kind = "kvikio" if kvikio_gds_available() else "posix"
     if kind == "kvikio":
-        return KvikioFileIO(threads=threads, direct=direct)
+        return KvikioFileIO(threads=threads, direct=direct, chunk_bytes=chunk_bytes)
     if kind == "posix":
-        return PosixFileIO(threads=threads, direct=direct, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES)
+        return PosixFileIO(threads=threads, direct=direct, chunk_bytes=chunk_bytes)
     raise ValueError(f"unknown file I/O engine {kind!r}; expected 'auto', 'kvikio' or 'posix'")
 
 

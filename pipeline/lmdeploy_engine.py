@@ -46,6 +46,7 @@ def engine_config(config: KVTierConfig, **options: Any):
         cache_dir=str(config.cache_dir),
         write_mode=config.write_mode,
         cache_salt=config.cache_salt,
+        io_threads=config.io_threads,
         **({"prefill_tflops": config.prefill_tflops} if config.prefill_tflops else {}),
     )
     fields: dict[str, Any] = dict(

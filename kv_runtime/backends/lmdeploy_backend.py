@@ -51,6 +51,7 @@ import torch
 import xxhash
 
 from kv_io.cuda import wait_event
+from kv_io.file_io import DEFAULT_THREADS
 from kv_policy import BlockInfo, CostBenefitModel, MigrationPolicy, ModelShape, TierLink
 from kv_runtime.hierarchy import HierarchyManager, Residency
 from kv_runtime.layout import LAYOUT_VERSION, KVLayout, parse_dtype
@@ -80,6 +81,7 @@ class StoreSettings:
     prefill_tflops: float = 400.0
     ddr_gbps: float = 25.0
     disk_gbps: float = 1.5
+    io_threads: int = DEFAULT_THREADS
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> StoreSettings:
@@ -98,6 +100,8 @@ class StoreSettings:
             value = getattr(s, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"kvtier connector: {name} must be a number > 0, got {value!r}")
+        if isinstance(s.io_threads, bool) or not isinstance(s.io_threads, int) or s.io_threads <= 0:
+            raise ValueError(f"kvtier connector: io_threads must be a positive int, got {s.io_threads!r}")
         if s.ddr_bytes == 0:
             raise ValueError("kvtier connector: ddr_bytes must be > 0 (loads reach the GPU through pinned DDR)")
         if s.write_mode not in WRITE_MODES:
@@ -253,7 +257,9 @@ class LMDeployStore:
             pools[Tier.DDR] = DDRPool(settings.ddr_bytes)
             if settings.disk_bytes:
                 pools[Tier.DISK] = self.io.run(
-                    DiskPool.open_sized(Path(settings.cache_dir) / "blocks", settings.disk_bytes)
+                    DiskPool.open_sized(
+                        Path(settings.cache_dir) / "blocks", settings.disk_bytes, io_threads=settings.io_threads
+                    )
                 )
             self.hierarchy = HierarchyManager(pools)
             if Tier.DISK in pools:

@@ -21,8 +21,13 @@ pytestmark = [
 
 
 async def test_kvikio_round_trip_host_and_device(tmp_path: Path) -> None:
-    fio = make_file_io("kvikio", threads=4)
+    import kvikio.defaults
+
+    fio = make_file_io("kvikio", threads=4, chunk_bytes=1 << 20)
     assert fio.name == "kvikio"
+    getter = getattr(kvikio.defaults, "get", None)
+    task_size = getter("task_size") if callable(getter) else kvikio.defaults.task_size()
+    assert (fio.threads, fio.chunk_bytes, task_size) == (4, 1 << 20, 1 << 20)  # 3 MiB below: three tasks
     path = tmp_path / "k.bin"
     data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
     assert await fio.pwrite(path, 4096, data) == data.numel()

@@ -111,6 +111,11 @@ def test_layout_of_the_test_model(stores):
     assert Tier.DISK in stores(disk=True).hierarchy.pools
 
 
+def test_io_threads_reach_the_disk_tier(stores):
+    store = stores(disk=True, io_threads=3)
+    assert store.hierarchy.pools[Tier.DISK].store.file_io.threads == 3
+
+
 def test_from_extra_parses_values(stores):
     s = StoreSettings.from_extra(
         {
@@ -123,6 +128,7 @@ def test_from_extra_parses_values(stores):
             "prefill_tflops": 12.5,
             "ddr_gbps": 10.0,
             "disk_gbps": 0.5,
+            "io_threads": 3,
         }
     )
     assert s == StoreSettings(
@@ -136,6 +142,7 @@ def test_from_extra_parses_values(stores):
         prefill_tflops=12.5,
         ddr_gbps=10.0,
         disk_gbps=0.5,
+        io_threads=3,
     )
     defaults = StoreSettings.from_extra({"model": "m"})
     assert (defaults.ddr_bytes, defaults.disk_bytes, defaults.write_mode) == (8 << 30, 0, "write-through")
@@ -153,6 +160,8 @@ def test_from_extra_parses_values(stores):
         ({"model": "m", "disk_bytes": 1.5}, r"disk_bytes must be a byte count >= 0, got 1.5"),
         ({"model": "m", "ddr_bytes": 0}, r"ddr_bytes must be > 0"),
         ({"model": "m", "write_mode": "write-back"}, r"write_mode must be one of .*got 'write-back'"),
+        ({"model": "m", "io_threads": 0}, r"io_threads must be a positive int, got 0"),
+        ({"model": "m", "io_threads": 2.0}, r"io_threads must be a positive int, got 2.0"),
     ],
 )
 def test_from_extra_rejects_bad_settings(extra, message):
