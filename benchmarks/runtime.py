@@ -67,7 +67,7 @@ async def _gpu_part(args: Any, layout: Any, batches: list[int], repeats: int, me
     from kv_io.cuda import CopyStream, wait_event
     from kv_runtime.hierarchy import HierarchyManager
     from kv_runtime.migrator import KVMigrator, MigrationPlan
-    from kv_runtime.pools import DDRPool, HBMPool, Tier
+    from kv_runtime.pool import DDRPool, HBMPool, Tier
     from prefix_reuse import BlockKeyer, KeyNamespace
 
     bb = layout.block_bytes
@@ -150,7 +150,7 @@ async def _disk_part(
     from kv_io.file_io import make_file_io, read_direct, write_direct
     from kv_runtime.hierarchy import HierarchyManager
     from kv_runtime.migrator import KVMigrator, MigrationPlan
-    from kv_runtime.pools import DDRPool, DiskPool, HBMPool, Tier
+    from kv_runtime.pool import DDRPool, DiskPool, HBMPool, Tier
     from prefix_reuse import BlockKeyer, KeyNamespace
 
     bb = layout.block_bytes
@@ -288,7 +288,7 @@ async def _churn_part(args: Any, layout: Any, pool_bytes: int, metrics: dict, re
     import torch
 
     from kv_runtime.layout import KVLayout
-    from kv_runtime.pools import DDRPool, PoolFullError
+    from kv_runtime.pool import DDRPool, PoolFullError
 
     sizes = {
         "bf16": layout.block_bytes,

@@ -16,7 +16,7 @@ _EXPORTS = {
     "kv_runtime.hierarchy": ["HierarchyManager", "Residency"],
     "kv_runtime.layout": ["KVLayout", "KVQuant", "Segment"],
     "kv_runtime.migrator": ["DirectionStats", "KVMigrator", "MigrationHandle", "MigrationPlan", "MigrationResult"],
-    "kv_runtime.pools": [
+    "kv_runtime.pool": [
         "BlockInfo",
         "DDRPool",
         "DefragReport",

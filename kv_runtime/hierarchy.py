@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kv_runtime.events import EventKind, EventLog
-from kv_runtime.pools import DDRPool, DiskPool, KVPool, PoolFullError, Slot, Tier
+from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot, Tier
 from kv_runtime.quota import QuotaManager, QuotaPressure
 from prefix_reuse import BlockNode, PinnedError, PrefixReuseIndex, RequestKeys
 

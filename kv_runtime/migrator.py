@@ -37,7 +37,7 @@ from kv_io.cuda import CopyStream, require_cuda, wait_event
 from kv_io.disk_store import BlockWrite, DiskWriteError
 from kv_io.staging import StagingPool
 from kv_runtime.hierarchy import HierarchyManager, Residency, disk_key
-from kv_runtime.pools import DDRPool, DiskPool, HBMPool, Slot, Tier
+from kv_runtime.pool import DDRPool, DiskPool, HBMPool, Slot, Tier
 
 log = logging.getLogger(__name__)
 

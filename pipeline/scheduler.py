@@ -38,7 +38,7 @@ from kv_pipeline.flow import ByteBudget, FairTurn
 from kv_policy import BlockInfo, CostBenefitModel, LoadPlan, MigrationPolicy
 from kv_runtime import HierarchyManager, KVMigrator, MigrationPlan, Residency, Tier
 from kv_runtime.backends.hf_backend import HFModel
-from kv_runtime.pools import DDRPool, PoolFullError
+from kv_runtime.pool import DDRPool, PoolFullError
 from kv_runtime.quota import QuotaExceededError
 from prefix_reuse import BlockKeyer, BlockNode, PinnedError, RequestKeys, StaleNodeError
 

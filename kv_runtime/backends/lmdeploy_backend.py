@@ -56,7 +56,7 @@ from kv_policy import BlockInfo, CostBenefitModel, MigrationPolicy, ModelShape, 
 from kv_runtime.hierarchy import HierarchyManager, Residency
 from kv_runtime.layout import LAYOUT_VERSION, KVLayout, parse_dtype
 from kv_runtime.migrator import KVMigrator, MigrationPlan
-from kv_runtime.pools import DDRPool, DiskPool, HBMPool, PoolFullError, Slot, Tier
+from kv_runtime.pool import DDRPool, DiskPool, HBMPool, PoolFullError, Slot, Tier
 from kv_runtime.quota import QuotaExceededError
 from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, RequestKeys, StaleNodeError, model_fingerprint
 

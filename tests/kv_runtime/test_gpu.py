@@ -9,7 +9,7 @@ from runtime_helpers import BLOCK_TOKENS, tokens
 from kv_runtime.hierarchy import HierarchyManager
 from kv_runtime.layout import KVLayout
 from kv_runtime.migrator import KVMigrator, MigrationPlan
-from kv_runtime.pools import DDRPool, DiskPool, HBMPool, Tier
+from kv_runtime.pool import DDRPool, DiskPool, HBMPool, Tier
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

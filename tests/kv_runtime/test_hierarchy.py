@@ -8,7 +8,7 @@ from runtime_helpers import BLOCK_TOKENS, block_bytes, tokens
 
 from kv_runtime.events import EventKind
 from kv_runtime.hierarchy import HierarchyManager, Residency
-from kv_runtime.pools import DDRPool, Tier
+from kv_runtime.pool import DDRPool, Tier
 from kv_runtime.quota import QuotaExceededError, QuotaManager
 from prefix_reuse import PinnedError
 

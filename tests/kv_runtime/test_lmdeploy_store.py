@@ -20,7 +20,7 @@ from runtime_helpers import tokens
 
 from kv_runtime.backends.lmdeploy_backend import EngineFormat, LMDeployStore, StoreSettings
 from kv_runtime.migrator import MigrationPlan
-from kv_runtime.pools import Tier
+from kv_runtime.pool import Tier
 
 BS = 16
 BLOCK_BYTES = 2 * 2 * 2 * 64 * BS * 2  # layers * (K, V) * kv_heads * head_dim * tokens * fp16

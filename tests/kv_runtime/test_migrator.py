@@ -15,7 +15,7 @@ from kv_io.file_io import FileIO, make_file_io
 from kv_runtime.events import EventKind
 from kv_runtime.hierarchy import HierarchyManager
 from kv_runtime.migrator import DirectionStats, KVMigrator, MigrationPlan
-from kv_runtime.pools import DDRPool, DiskPool, PoolFullError, Tier
+from kv_runtime.pool import DDRPool, DiskPool, PoolFullError, Tier
 
 KIB = 1024
 NBYTES = 8 * KIB

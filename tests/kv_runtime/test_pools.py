@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from runtime_helpers import block_bytes
 
 from kv_runtime.layout import KVLayout
-from kv_runtime.pools import DDRPool, HBMPool, PoolFullError, Tier, TierUnavailableError
+from kv_runtime.pool import DDRPool, HBMPool, PoolFullError, Tier, TierUnavailableError
 
 KIB = 1024
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kv_runtime.pools import Tier
+from kv_runtime.pool import Tier
 from kv_runtime.quota import QuotaExceededError, QuotaManager
 
 
