@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kv_benchmarks.report import Report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_TRACE = REPO.parent / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
 QUICK_REQUESTS = 1200
 CLASSIC = ("lru", "arc", "s3-fifo")
