@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("model", help="model directory")
     serve.add_argument("--config", type=Path, help="kvtier settings file (TOML or JSON); KVTIER_* variables apply")
+    serve.add_argument(
+        "--preset",
+        help="named tier preset (kv_runtime/kv_runtime_presets.yaml); the file, KVTIER_* and options override it",
+    )
     serve.add_argument("--ddr-bytes", help="DDR tier size, e.g. 32GiB")
     serve.add_argument("--disk-bytes", help="disk tier size, e.g. 200GiB (0: no disk tier)")
     serve.add_argument("--cache-dir", type=Path, help="directory of the disk tier")
@@ -79,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "prefill_tflops": args.prefill_tflops,
     }
-    config = KVTierConfig.load(args.config, model=args.model, engine="lmdeploy", **overrides)
+    config = KVTierConfig.load(args.config, preset=args.preset, model=args.model, engine="lmdeploy", **overrides)
     options = {"session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count}
     backend_config = engine_config(config, **{k: v for k, v in options.items() if v is not None})
     lmdeploy_serve(

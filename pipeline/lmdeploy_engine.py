@@ -38,17 +38,7 @@ def engine_config(config: KVTierConfig, **options: Any):
 
     from kv_runtime.backends.lmdeploy_connector import kv_transfer_config
 
-    transfer = kv_transfer_config(
-        config.model,
-        dtype=config.dtype,
-        ddr_bytes=config.ddr_bytes,
-        disk_bytes=config.disk_bytes,
-        cache_dir=str(config.cache_dir),
-        write_mode=config.write_mode,
-        cache_salt=config.cache_salt,
-        io_threads=config.io_threads,
-        **({"prefill_tflops": config.prefill_tflops} if config.prefill_tflops else {}),
-    )
+    transfer = kv_transfer_config(config=config)  # every key, validated, as kv_connector_extra_config
     fields: dict[str, Any] = dict(
         enable_prefix_caching=True,
         block_size=config.block_size,

@@ -51,15 +51,23 @@ def check_version() -> str:
     return version
 
 
-def kv_transfer_config(model: str, *, role: str = "kv_both", **settings: Any):
-    """LMDeploy's ``KVTransferConfig`` selecting kvtier; ``settings`` are ``StoreSettings`` fields."""
+def kv_transfer_config(model: str | None = None, *, role: str = "kv_both", config: Any = None, **settings: Any):
+    """LMDeploy's ``KVTransferConfig`` selecting kvtier.
+
+    The store's settings are a ``KVTierConfig``: ``config`` (default: the defaults) with ``model`` and
+    ``settings`` (configuration keys, e.g. ``ddr_bytes="16GiB"``) on top, and ``engine="lmdeploy"``. They are
+    validated here, so a bad value fails with its message before LMDeploy starts any worker, and travel as plain
+    data (``to_plain()``; the engine process rebuilds them with ``KVTierConfig.from_plain``).
+    """
     from lmdeploy.messages import KVTransferConfig
 
-    from kv_runtime.backends.lmdeploy_backend import StoreSettings
+    from kv_runtime.config import KVTierConfig
 
-    extra = {"model": str(model), **settings}
-    StoreSettings.from_extra(extra)  # fail here, with the message, rather than inside the engine's workers
-    return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role=role, kv_connector_extra_config=extra)
+    changes = {**settings, "engine": "lmdeploy"}
+    if model is not None:
+        changes["model"] = str(model)
+    checked = (config if config is not None else KVTierConfig()).replace(**changes).check_engine()
+    return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role=role, kv_connector_extra_config=checked.to_plain())
 
 
 _MP_PROC: Any = None  # LMDeploy's engine-subprocess entry, before install() wrapped it
