@@ -12,7 +12,8 @@ import enum
 import itertools
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import NamedTuple
 
 
 class EventKind(enum.Enum):
@@ -25,8 +26,9 @@ class EventKind(enum.Enum):
     RECOVERED = "recovered"  # a block found on disk after a restart was adopted into the index
 
 
-@dataclass(slots=True, frozen=True)
-class ResidencyEvent:
+class ResidencyEvent(NamedTuple):
+    """One residency change (a tuple: immutable and cheap to make on the eviction path)."""
+
     seq: int
     kind: EventKind
     key: bytes
@@ -43,12 +45,29 @@ class EventLog:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self.counts: Counter[tuple[EventKind, int | None]] = Counter()
+        self._subscribers: tuple[Callable[[ResidencyEvent], None], ...] = ()
+
+    def subscribe(self, callback: Callable[[ResidencyEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` with every event from now on, in order, on the thread that emits it (an eviction
+        policy keeps its own state current this way); returns the function that unsubscribes it. A callback
+        must be quick and must not emit events itself."""
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers = tuple(s for s in self._subscribers if s is not callback)
+
+        return unsubscribe
 
     def emit(self, kind: EventKind, key: bytes, tier: int | None, nbytes: int, tenant: str) -> None:
         with self._lock:
             event = ResidencyEvent(next(self._seq), kind, key, None if tier is None else int(tier), nbytes, tenant)
             self._events.append(event)
             self.counts[(kind, event.tier)] += 1
+            subscribers = self._subscribers
+        for callback in subscribers:
+            callback(event)
 
     def drain(self) -> list[ResidencyEvent]:
         """Every event not drained before, oldest first (the oldest are dropped when the queue is full)."""

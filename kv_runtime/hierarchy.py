@@ -15,22 +15,24 @@ Invariants:
 - Every byte of every slot is counted against the tier's and the tenant's quota while the slot is held.
 
 Eviction here is mechanism: drop redundant copies (another tier still has the block) and unreferenced leaves,
-least recently used first. Demotion (copying down before dropping) is a migration and is planned by policy.
+least recently used first, taken from the block manager's candidate sets (``block_manager.py``), which the index
+and this class keep current: finding a victim never scans. Demotion (copying down before dropping) is a
+migration and is planned by policy.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from kv_runtime.block_manager import BlockManager
 from kv_runtime.events import EventKind, EventLog
-from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot, Tier
+from kv_runtime.pool import DDRPool, KVPool, Slot, Tier
 from kv_runtime.quota import QuotaManager, QuotaPressure
-from prefix_reuse import BlockNode, PinnedError, PrefixReuseIndex, RequestKeys
+from prefix_reuse import BlockNode, PinnedError, PrefixReuseIndex, RequestKeys, StaleNodeError
 
 
 def disk_key(key: bytes, check: int) -> bytes:
@@ -78,9 +80,9 @@ class HierarchyManager:
                 raise ValueError(f"pool for {tier.name} is a {pool.tier.name} pool")
         self.quotas = quotas or QuotaManager()
         self.events = events or EventLog()
-        self.index = PrefixReuseIndex(on_release=self._released)
+        self.blocks = BlockManager(self.pools, self.quotas)
+        self.index = PrefixReuseIndex(on_release=self._released, on_change=self._nodes_changed)
         self._lock = threading.RLock()
-        self._lru: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
         # Blocks found on disk after a restart, not yet linked into the index (that needs a request's keys).
         self._recovered: dict[tuple[bytes, bytes], Slot] = {}
         self.quotas.on_pressure(self._evict_for_quota)
@@ -88,36 +90,16 @@ class HierarchyManager:
     # ------------------------------------------------------------------ allocation under quota
 
     def pool(self, tier: Tier) -> KVPool:
-        try:
-            return self.pools[tier]
-        except KeyError:
-            raise ValueError(f"this hierarchy has no {Tier(tier).name} tier") from None
+        return self.blocks.pool(tier)
 
     def allocate(self, tier: Tier, sizes: Sequence[int], tenant: str) -> list[Slot]:
         """Slots for blocks of ``sizes`` bytes, counted against quotas; evicts to make room if needed."""
-        pool = self.pool(tier)
-        reserve = [self._reserve_size(pool, n) for n in sizes]
-        self.quotas.reserve(tier, tenant, sum(reserve))
-        try:
-            try:
-                return pool.allocate_many(sizes)
-            except PoolFullError:
-                self.evict(tier, sum(reserve))
-                return pool.allocate_many(sizes)
-        except BaseException:
-            self.quotas.release(tier, tenant, sum(reserve))
-            raise
+        with self._lock:
+            return self.blocks.allocate(tier, sizes, tenant, self.evict)
 
     def free_slot(self, slot: Slot, tenant: str) -> None:
         """Drop one reference to a slot; its quota is returned when its space is."""
-        pool = self.pools[slot.tier]
-        capacity = slot.capacity
-        if pool.free(slot):
-            self.quotas.release(slot.tier, tenant, capacity)
-
-    @staticmethod
-    def _reserve_size(pool: KVPool, nbytes: int) -> int:
-        return pool.reserve_bytes(nbytes) if isinstance(pool, (DDRPool, DiskPool)) else nbytes
+        self.blocks.free_slot(slot, tenant)
 
     # ------------------------------------------------------------------ blocks in and out of the index
 
@@ -143,7 +125,7 @@ class HierarchyManager:
                 if inserted:
                     res: Residency = node.payload
                     res.node = node
-                    self._lru[tier][res] = None
+                    self.blocks.update(res)
                     self.events.emit(EventKind.STORED, res.key, tier, res.nbytes, tenant)
                     if ready:
                         self.events.emit(EventKind.PUBLISHED, res.key, None, res.nbytes, tenant)
@@ -163,7 +145,7 @@ class HierarchyManager:
 
     def publish(self, nodes: Sequence[BlockNode]) -> None:
         pending = [n for n in nodes if not n.ready]
-        self.index.publish(pending)
+        self.index.publish(pending)  # the index reports them ready: they become candidates
         for node in pending:
             res: Residency = node.payload
             self.events.emit(EventKind.PUBLISHED, res.key, None, res.nbytes, res.tenant)
@@ -196,16 +178,14 @@ class HierarchyManager:
             self.index.touch(nodes)
             with self._lock:
                 for node in nodes:
-                    res = node.payload
-                    for tier in res.copies:
-                        self._lru[tier].move_to_end(res)
+                    self.blocks.touch(node.payload)
         return nodes
 
     def adopt_disk(self) -> int:
         """Remember every block the disk pool holds (after a restart) until a request links it; returns how many."""
         pool = self.pool(Tier.DISK)
         with self._lock:
-            known = {id(r.copies.get(Tier.DISK)) for lru in self._lru.values() for r in lru}
+            known = {id(r.copies.get(Tier.DISK)) for r in self.blocks.resident(Tier.DISK)}
             for slot in pool.live_slots():
                 if slot.record is not None and id(slot) not in known:
                     self._recovered[(bytes(slot.record.namespace), bytes(slot.record.key))] = slot
@@ -220,7 +200,7 @@ class HierarchyManager:
                 self.free_slot(slot, res.tenant)
                 return False
             res.copies[tier] = slot
-            self._lru[tier][res] = None
+            self.blocks.update(res)
         self.events.emit(EventKind.STORED, res.key, tier, res.nbytes, res.tenant)
         return True
 
@@ -233,7 +213,7 @@ class HierarchyManager:
                 self.index.remove(res.node)  # raises PinnedError for leased blocks; _released frees the slot
                 return
             slot = res.copies.pop(tier)
-            self._lru[tier].pop(res, None)
+            self.blocks.update(res)
         self.events.emit(kind, res.key, tier, res.nbytes, res.tenant)
         self.free_slot(slot, res.tenant)
 
@@ -241,7 +221,7 @@ class HierarchyManager:
         """A copy proved unreadable: forget it (a miss, counted); never hand its bytes out."""
         with self._lock:
             slot = res.copies.pop(tier, None)
-            self._lru[tier].pop(res, None)
+            self.blocks.update(res)
             last = not res.copies
         if slot is None:
             return
@@ -263,6 +243,7 @@ class HierarchyManager:
         with self._lock:
             for r in residencies:
                 r.in_flight += 1
+                self.blocks.update(r)
                 for t in tiers:
                     if t in r.copies:
                         self.pools[t].acquire_io(r.copies[t])
@@ -274,6 +255,7 @@ class HierarchyManager:
                 self.pools[slot.tier].release_io(slot)
             for r in residencies:
                 r.in_flight -= 1
+                self.blocks.update(r)
         self.index.unpin([r.node for r in residencies if r.node is not None])
         del tiers  # the tiers are implied by the slots; kept for symmetry with lease()
 
@@ -282,36 +264,47 @@ class HierarchyManager:
     def evict(self, tier: Tier, needed_bytes: int, tenant: str | None = None) -> int:
         """Free at least ``needed_bytes`` in ``tier`` (of ``tenant`` if given), least recently used first.
 
-        Only copies that are neither pinned nor in flight go. A copy that another tier duplicates is simply
-        dropped; a block's only copy goes only when its node is an index leaf (nothing below depends on it),
-        and then its parent, now a leaf, is considered next. Returns the bytes freed.
+        Victims come from the block manager's candidate set, O(1) each: never a pinned block, one with a
+        migration in flight, or the only copy of a block that others hang under. A redundant copy (another tier
+        holds the block) is simply dropped; a leaf's only copy goes with its node, and its parent, now a leaf,
+        is the next victim. Returns the bytes freed.
         """
         freed = 0
+        deferred = 0
         with self._lock:
-            queue = list(self._lru[tier])
-        queue.reverse()  # pop() from the end: least recently used first
-        while queue and freed < needed_bytes:
-            res = queue.pop()
-            slot = res.copies.get(tier)
-            node = res.node
-            if slot is None or slot.busy or res.in_flight or res.dropped:
-                continue
-            if (tenant is not None and res.tenant != tenant) or node is None or node.pin_count:
-                continue
-            if len(res.copies) > 1:
-                self.drop_copy(res, tier, kind=EventKind.EVICTED)
-            elif node.num_children == 0:
-                try:
-                    self.index.remove(node)
-                except PinnedError:
+            while freed < needed_bytes:
+                res = self.blocks.first_candidate(tier, tenant)
+                if res is None:
+                    break
+                slot = res.copies[tier]
+                node = res.node
+                assert node is not None  # candidates are indexed blocks
+                if slot.busy or slot.moving:  # defragmentation is moving it: it goes when that ends
+                    if deferred >= self.blocks.num_candidates(tier):
+                        break
+                    deferred += 1
+                    self.blocks.defer(res, tier)
                     continue
-                self.events.emit(EventKind.EVICTED, res.key, tier, res.nbytes, res.tenant)
-                parent = node.parent
-                if parent is not None and isinstance(parent.payload, Residency):
-                    queue.append(parent.payload)
-            else:
-                continue
-            freed += slot.capacity
+                if node.pin_count or res.in_flight:  # pinned since the set was last told: never a victim
+                    self.blocks.update(res)
+                    if self.blocks.is_candidate(res, tier):
+                        self.blocks.defer(res, tier)
+                    continue
+                if len(res.copies) > 1:
+                    self.drop_copy(res, tier, kind=EventKind.EVICTED)
+                else:
+                    parent = node.parent
+                    try:
+                        self.index.remove(node)
+                    except (PinnedError, StaleNodeError):  # a lease raced us; the index has the truth
+                        self.blocks.update(res)
+                        if self.blocks.is_candidate(res, tier):
+                            self.blocks.defer(res, tier)
+                        continue
+                    self.events.emit(EventKind.EVICTED, res.key, tier, res.nbytes, res.tenant)
+                    if parent is not None and isinstance(parent.payload, Residency):
+                        self.blocks.to_front(parent.payload, tier)
+                freed += slot.capacity
         return freed
 
     def _evict_for_quota(self, pressure: QuotaPressure) -> int:
@@ -327,8 +320,7 @@ class HierarchyManager:
             payload.dropped = True
             copies = list(payload.copies.items())
             payload.copies.clear()
-            for tier, _ in copies:
-                self._lru[tier].pop(payload, None)
+            self.blocks.forget(payload)
         if payload.node is not None:
             self.events.emit(EventKind.DROPPED, payload.key, None, payload.nbytes, payload.tenant)
         for _tier, slot in copies:
@@ -341,6 +333,13 @@ class HierarchyManager:
             raise TypeError("the node's payload is not a residency record of this hierarchy")
         return node.payload
 
+    def _nodes_changed(self, nodes: list[BlockNode]) -> None:
+        """The index changed these nodes' pin, leaf or ready state: their candidacy follows."""
+        with self._lock:
+            for node in nodes:
+                if isinstance(node.payload, Residency):
+                    self.blocks.update(node.payload)
+
     def blocks_in(self, tier: Tier) -> list[Residency]:
         with self._lock:
-            return list(self._lru[tier])
+            return self.blocks.resident(tier)

@@ -15,6 +15,9 @@ Invariants, kept under one readers-writer lock (lookups share it, changes take i
   in O(1) each without scanning the tree.
 - The index owns nodes; the runtime owns payloads. Every payload the index drops (an insert that lost a race,
   a removed node) is handed to ``on_release`` exactly once.
+- Every node whose pin state (pinned or not), leaf state or readiness changed in a write is handed to
+  ``on_change`` once that write has released the lock, so the runtime can keep its per-tier eviction candidates
+  current without scanning. The callback sees the nodes' state as it is when it runs, never a stale copy.
 """
 
 from __future__ import annotations
@@ -100,8 +103,15 @@ class IndexStats:
 class PrefixReuseIndex:
     """Longest-prefix match, insert, publish, remove, pin and eviction candidates over chained block keys."""
 
-    def __init__(self, *, on_release: Callable[[Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        on_release: Callable[[Any], None] | None = None,
+        on_change: Callable[[list[BlockNode]], None] | None = None,
+    ) -> None:
         self._on_release = on_release
+        self._on_change = on_change
+        self._changed: list[BlockNode] = []  # nodes whose candidacy may have changed in the current write
         self._lock = RWLock()
         self._nodes: dict[bytes, BlockNode] = {}
         self._evictable: dict[BlockNode, None] = {}
@@ -267,6 +277,8 @@ class PrefixReuseIndex:
                     result.nodes.append(node)
                     result.inserted.append(True)
                 parent = node
+            changed = self._take_changed()
+        self._notify(changed)
         self._release(released)
         return result
 
@@ -279,6 +291,8 @@ class PrefixReuseIndex:
             for node in nodes:
                 if not node.ready:
                     self._set_ready(node)
+            changed = self._take_changed()
+        self._notify(changed)
 
     def remove(self, node: BlockNode) -> list[BlockNode]:
         """Remove ``node`` and its whole subtree (descendants are unreachable without it).
@@ -292,7 +306,9 @@ class PrefixReuseIndex:
                 raise PinnedError("cannot remove a subtree that holds pinned blocks")
             for n in reversed(subtree):  # leaves first, so every detach is of a leaf
                 self._detach(n)
-        self._release([n.payload for n in subtree])
+            changed = self._take_changed()
+        self._release([n.payload for n in subtree])  # first: the removed nodes' payloads learn they are gone
+        self._notify(changed)
         return subtree
 
     def pin(self, nodes: Sequence[BlockNode]) -> None:
@@ -301,21 +317,19 @@ class PrefixReuseIndex:
             for node in nodes:
                 self._require_attached(node)
             for node in nodes:
-                if node.pin_count == 0:
-                    self._pinned += 1
-                    self._evictable.pop(node, None)
-                node.pin_count += 1
+                self._pin_locked(node)
+            changed = self._take_changed()
+        self._notify(changed)
 
     def match_and_pin(self, rk: RequestKeys) -> list[BlockNode]:
         """Longest match and a lease on it in one step, so nothing can be evicted in between."""
         with self._lock.write():
             nodes = self._match_locked(rk.keys, rk.checks, rk.namespace.digest, 0, None)
             for node in nodes:
-                if node.pin_count == 0:
-                    self._pinned += 1
-                    self._evictable.pop(node, None)
-                node.pin_count += 1
-            return nodes
+                self._pin_locked(node)
+            changed = self._take_changed()
+        self._notify(changed)
+        return nodes
 
     def unpin(self, nodes: Sequence[BlockNode]) -> None:
         with self._lock.write():
@@ -327,6 +341,9 @@ class PrefixReuseIndex:
                 if node.pin_count == 0:
                     self._pinned -= 1
                     self._refresh_evictable(node)
+                    self._changed.append(node)
+            changed = self._take_changed()
+        self._notify(changed)
 
     def touch(self, nodes: Iterable[BlockNode], now: float | None = None) -> None:
         """Record a use: access time, hit count, and most-recently-used position among candidates."""
@@ -340,6 +357,22 @@ class PrefixReuseIndex:
                     self._evictable[node] = None
 
     # ------------------------------------------------------------------ internals (exclusive lock held)
+
+    def _pin_locked(self, node: BlockNode) -> None:
+        if node.pin_count == 0:
+            self._pinned += 1
+            self._evictable.pop(node, None)
+            self._changed.append(node)
+        node.pin_count += 1
+
+    def _take_changed(self) -> list[BlockNode]:
+        changed, self._changed = self._changed, []
+        return changed
+
+    def _notify(self, changed: list[BlockNode]) -> None:
+        # Outside the lock, like _release: the runtime's callback takes locks of its own.
+        if changed and self._on_change is not None:
+            self._on_change(changed)
 
     def _require_attached(self, node: BlockNode) -> None:
         if self._nodes.get(node.key) is not node:
@@ -359,6 +392,7 @@ class PrefixReuseIndex:
             if parent.num_children == 0:
                 self._leaves -= 1
                 self._evictable.pop(parent, None)
+                self._changed.append(parent)
             parent.num_children += 1
             node.next_sibling = parent.first_child
             if parent.first_child is not None:
@@ -394,11 +428,13 @@ class PrefixReuseIndex:
         if parent.num_children == 0:
             self._leaves += 1
             self._refresh_evictable(parent)
+            self._changed.append(parent)
 
     def _set_ready(self, node: BlockNode) -> None:
         node.ready = True
         self._ready += 1
         self._refresh_evictable(node)
+        self._changed.append(node)
 
     def _refresh_evictable(self, node: BlockNode) -> None:
         if node.ready and node.pin_count == 0 and node.num_children == 0:

@@ -1,0 +1,173 @@
+"""The block manager: slots per tier under quota, and per tier the set of copies that eviction may take.
+
+A copy of a block in a tier is an eviction *candidate* exactly when
+
+- the block is in the index, ready, not pinned by a lease (a request, a named context) and has no migration in
+  flight, and
+- dropping the copy loses nothing another block depends on: either another tier still holds the block, or the
+  block is an index leaf (nothing below it in the tree needs it as a parent).
+
+The candidate sets are kept current as blocks gain and lose users: the index reports every node whose pin, leaf
+or ready state changed (``PrefixReuseIndex(on_change=...)``), and the hierarchy reports every change of copies
+and in-flight counts. So finding a victim never scans: it is the first entry of the tier's set, O(1).
+
+Each set is ordered least recently used first (a use moves a block to the back). This ordering is the mechanism's
+default; ranking victims by a named policy plugs in on top of the same sets. Sets are kept per tier and per
+tier and tenant, so that quota pressure on one tenant finds that tenant's victims without walking the others'.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot
+from kv_runtime.quota import QuotaManager
+from kv_runtime.tier import Tier
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kv_runtime.hierarchy import Residency
+
+
+class BlockManager:
+    """Slots of every tier (allocation under quota, reference counts through the pools) and the candidate sets.
+
+    Not locked on its own: the hierarchy calls it under its lock.
+    """
+
+    def __init__(self, pools: Mapping[Tier, KVPool], quotas: QuotaManager) -> None:
+        self.pools = dict(pools)
+        self.quotas = quotas
+        # Every block holding a copy in a tier, and the subset that eviction may take, oldest use first.
+        self._resident: dict[Tier, dict[Residency, None]] = {t: {} for t in self.pools}
+        self._candidates: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
+        self._by_tenant: dict[tuple[Tier, str], OrderedDict[Residency, None]] = {}
+
+    # ------------------------------------------------------------------ slots
+
+    def pool(self, tier: Tier) -> KVPool:
+        try:
+            return self.pools[tier]
+        except KeyError:
+            raise ValueError(f"this hierarchy has no {Tier(tier).name} tier") from None
+
+    def allocate(
+        self, tier: Tier, sizes: Sequence[int], tenant: str, make_room: Callable[[Tier, int], int]
+    ) -> list[Slot]:
+        """Slots for blocks of ``sizes`` bytes, counted against quotas; ``make_room(tier, bytes)`` is asked
+        once to free space when the pool is full."""
+        pool = self.pool(tier)
+        reserve = sum(self.reserve_size(pool, n) for n in sizes)
+        self.quotas.reserve(tier, tenant, reserve)
+        try:
+            try:
+                return pool.allocate_many(sizes)
+            except PoolFullError:
+                make_room(tier, reserve)
+                return pool.allocate_many(sizes)
+        except BaseException:
+            self.quotas.release(tier, tenant, reserve)
+            raise
+
+    def free_slot(self, slot: Slot, tenant: str) -> None:
+        """Drop one reference to a slot; its quota is returned when its space is."""
+        capacity = slot.capacity
+        if self.pools[slot.tier].free(slot):
+            self.quotas.release(slot.tier, tenant, capacity)
+
+    @staticmethod
+    def reserve_size(pool: KVPool, nbytes: int) -> int:
+        """The bytes a block of ``nbytes`` takes in ``pool`` (extents are aligned; HBM cells are exact)."""
+        return pool.reserve_bytes(nbytes) if isinstance(pool, (DDRPool, DiskPool)) else nbytes
+
+    # ------------------------------------------------------------------ residency and candidacy
+
+    def update(self, res: Residency) -> None:
+        """Recompute where ``res`` is resident and where it is a candidate, after any change to it."""
+        if res.dropped:
+            self.forget(res)
+            return
+        for tier in self.pools:
+            slot = res.copies.get(tier)
+            if slot is None:
+                self._resident[tier].pop(res, None)
+                self._uncandidate(res, tier)
+                continue
+            self._resident[tier][res] = None
+            if self._is_candidate(res):
+                if res not in self._candidates[tier]:
+                    self._candidates[tier][res] = None
+                    self._tenant_set(tier, res.tenant)[res] = None
+            elif res in self._candidates[tier]:
+                self._uncandidate(res, tier)
+
+    def forget(self, res: Residency) -> None:
+        """``res`` left the index: it is nowhere resident and no candidate."""
+        for tier in self.pools:
+            self._resident[tier].pop(res, None)
+            self._uncandidate(res, tier)
+
+    def touch(self, res: Residency) -> None:
+        """A use: ``res`` moves to the most recently used end of each set it is in."""
+        for tier in res.copies:
+            cands = self._candidates.get(tier)
+            if cands is not None and res in cands:
+                cands.move_to_end(res)
+                self._tenant_set(tier, res.tenant).move_to_end(res)
+
+    def first_candidate(self, tier: Tier, tenant: str | None = None) -> Residency | None:
+        """The least recently used candidate of ``tier`` (of ``tenant`` if given), O(1)."""
+        cands = self._candidates[tier] if tenant is None else self._by_tenant.get((tier, tenant))
+        if not cands:
+            return None
+        return next(iter(cands))
+
+    def defer(self, res: Residency, tier: Tier) -> None:
+        """Move a candidate that cannot go right now (its slot is busy) to the back of the tier's sets."""
+        if res in self._candidates[tier]:
+            self._candidates[tier].move_to_end(res)
+            self._tenant_set(tier, res.tenant).move_to_end(res)
+
+    def to_front(self, res: Residency, tier: Tier) -> None:
+        """Make ``res`` the next victim of ``tier`` (a parent whose last child was just evicted)."""
+        if res in self._candidates[tier]:
+            self._candidates[tier].move_to_end(res, last=False)
+            self._tenant_set(tier, res.tenant).move_to_end(res, last=False)
+
+    def resident(self, tier: Tier) -> list[Residency]:
+        return list(self._resident[tier])
+
+    def num_candidates(self, tier: Tier) -> int:
+        return len(self._candidates[tier])
+
+    def is_candidate(self, res: Residency, tier: Tier) -> bool:
+        return res in self._candidates.get(tier, ())
+
+    @staticmethod
+    def _is_candidate(res: Residency) -> bool:
+        node = res.node
+        if node is None or res.in_flight or node.pin_count or not node.ready:
+            return False
+        return len(res.copies) > 1 or node.num_children == 0
+
+    def _uncandidate(self, res: Residency, tier: Tier) -> None:
+        cands = self._candidates[tier]
+        if res not in cands:
+            return
+        del cands[res]
+        key = (tier, res.tenant)
+        per_tenant = self._by_tenant.get(key)
+        if per_tenant is not None:
+            per_tenant.pop(res, None)
+            if not per_tenant:
+                del self._by_tenant[key]
+
+    def _tenant_set(self, tier: Tier, tenant: str) -> OrderedDict[Residency, None]:
+        key = (tier, tenant)
+        cands = self._by_tenant.get(key)
+        if cands is None:
+            cands = self._by_tenant[key] = OrderedDict()
+        return cands
