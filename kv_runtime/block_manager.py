@@ -11,6 +11,9 @@ The candidate sets are kept current as blocks gain and lose users: the index rep
 or ready state changed (``PrefixReuseIndex(on_change=...)``), and the hierarchy reports every change of copies
 and in-flight counts. So finding a victim never scans: it is the first entry of the tier's set, O(1).
 
+Beside them each tier keeps the *movable* copies (the same without the leaf rule): what a demotion may move
+down, since moving a block's only copy to a lower tier keeps the chain whole.
+
 Each set is ordered least recently used first (a use moves a block to the back). This ordering is the mechanism's
 default; ranking victims by a named policy plugs in on top of the same sets. Sets are kept per tier and per
 tier and tenant, so that quota pressure on one tenant finds that tenant's victims without walking the others'.
@@ -19,7 +22,7 @@ tier and tenant, so that quota pressure on one tenant finds that tenant's victim
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot
@@ -44,6 +47,7 @@ class BlockManager:
         # Every block holding a copy in a tier, and the subset that eviction may take, oldest use first.
         self._resident: dict[Tier, dict[Residency, None]] = {t: {} for t in self.pools}
         self._candidates: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
+        self._movable: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
         self._by_tenant: dict[tuple[Tier, str], OrderedDict[Residency, None]] = {}
 
     # ------------------------------------------------------------------ slots
@@ -94,10 +98,16 @@ class BlockManager:
             slot = res.copies.get(tier)
             if slot is None:
                 self._resident[tier].pop(res, None)
+                self._movable[tier].pop(res, None)
                 self._uncandidate(res, tier)
                 continue
             self._resident[tier][res] = None
-            if self._is_candidate(res):
+            if self._is_movable(res):
+                if res not in self._movable[tier]:
+                    self._movable[tier][res] = None
+            else:
+                self._movable[tier].pop(res, None)
+            if self._is_movable(res) and (len(res.copies) > 1 or res.node.num_children == 0):
                 if res not in self._candidates[tier]:
                     self._candidates[tier][res] = None
                     self._tenant_set(tier, res.tenant)[res] = None
@@ -108,11 +118,15 @@ class BlockManager:
         """``res`` left the index: it is nowhere resident and no candidate."""
         for tier in self.pools:
             self._resident[tier].pop(res, None)
+            self._movable[tier].pop(res, None)
             self._uncandidate(res, tier)
 
     def touch(self, res: Residency) -> None:
         """A use: ``res`` moves to the most recently used end of each set it is in."""
         for tier in res.copies:
+            movable = self._movable.get(tier)
+            if movable is not None and res in movable:
+                movable.move_to_end(res)
             cands = self._candidates.get(tier)
             if cands is not None and res in cands:
                 cands.move_to_end(res)
@@ -137,6 +151,10 @@ class BlockManager:
             self._candidates[tier].move_to_end(res, last=False)
             self._tenant_set(tier, res.tenant).move_to_end(res, last=False)
 
+    def candidates(self, tier: Tier) -> Iterator[Residency]:
+        """The tier's candidates, least recently used first (the caller holds the hierarchy's lock)."""
+        return iter(self._candidates[tier])
+
     def resident(self, tier: Tier) -> list[Residency]:
         return list(self._resident[tier])
 
@@ -146,12 +164,15 @@ class BlockManager:
     def is_candidate(self, res: Residency, tier: Tier) -> bool:
         return res in self._candidates.get(tier, ())
 
+    def movable(self, tier: Tier) -> Iterator[Residency]:
+        """The tier's unpinned, idle copies, least recently used first: what a demotion may move down (the
+        caller holds the hierarchy's lock)."""
+        return iter(self._movable[tier])
+
     @staticmethod
-    def _is_candidate(res: Residency) -> bool:
+    def _is_movable(res: Residency) -> bool:
         node = res.node
-        if node is None or res.in_flight or node.pin_count or not node.ready:
-            return False
-        return len(res.copies) > 1 or node.num_children == 0
+        return node is not None and not res.in_flight and not node.pin_count and node.ready
 
     def _uncandidate(self, res: Residency, tier: Tier) -> None:
         cands = self._candidates[tier]

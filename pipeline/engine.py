@@ -28,10 +28,11 @@ from kv_pipeline.config import KVTierConfig
 from kv_pipeline.contexts import ContextRegistry, SharedContext
 from kv_pipeline.metrics import PipelineMetrics
 from kv_pipeline.scheduler import Request, RequestMetrics, Scheduler
-from kv_policy import CostBenefitModel, MigrationPolicy, ModelShape, TierLink
-from kv_runtime import DDRPool, DiskPool, HierarchyManager, KVMigrator, Tier
+from kv_policy import CostBenefitModel, ModelShape
+from kv_runtime import HierarchyManager, KVMigrator
 from kv_runtime.backends.hf_backend import HFModel
 from kv_runtime.layout import LAYOUT_VERSION
+from kv_runtime.service import TierService
 from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, model_fingerprint
 
 Prompt = str | Sequence[int] | Sequence[dict]
@@ -46,15 +47,6 @@ class GenerationOutput:
     index: int
     finished: bool
     metrics: RequestMetrics | None = None
-
-
-def _measure_copy_gbps(nbytes: int = 64 << 20) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start = time.perf_counter()
-    dst.copy_(src)
-    return nbytes / (time.perf_counter() - start) / 1e9
 
 
 class KVTierEngine:
@@ -105,7 +97,7 @@ class KVTierEngine:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        cfg = self.config
+        cfg = self.config.check_engine("hf")
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = await asyncio.to_thread(
             HFModel, cfg.model, device=device, dtype=cfg.dtype, block_size=cfg.block_size
@@ -120,33 +112,16 @@ class KVTierEngine:
             cache_salt=cfg.cache_salt,
         )
         self.keyer = BlockKeyer(self.namespace)
-        if not cfg.ddr_bytes:
-            raise ValueError("the transformers engine restores through host memory: ddr_bytes must be > 0")
-        pools: dict[Tier, Any] = {Tier.DDR: DDRPool(cfg.ddr_bytes)}
-        if cfg.disk_bytes:
-            pools[Tier.DISK] = await DiskPool.open_sized(
-                cfg.cache_dir / "blocks", cfg.disk_bytes, io_threads=cfg.io_threads
-            )
-        self.hierarchy = HierarchyManager(pools)
-        if Tier.DISK in pools:
-            self.hierarchy.adopt_disk()
-        self.migrator = KVMigrator(self.hierarchy)
-        self.cost = CostBenefitModel(
-            ModelShape.from_config(self.model.config),
-            bytes_per_token=layout.bytes_per_token,
-            tiers=[TierLink("ddr", _measure_copy_gbps(), 0.05), TierLink("disk", 1.0, 0.5)],
-            prefill_tflops=cfg.prefill_tflops or await asyncio.to_thread(self._calibrate_prefill_tflops),
-        )
-        self.scheduler = Scheduler(
-            self.model,
+        self.service = await TierService.open(
+            cfg,
+            layout,
             self.keyer,
-            self.hierarchy,
-            self.migrator,
-            self.cost,
-            MigrationPolicy(cfg.write_mode),
-            max_inflight_bytes=cfg.max_inflight_bytes,
+            self.model.config,
+            device=self.model.device,
+            calibrate_prefill=self._calibrate_prefill_tflops,
         )
-        registry_path = cfg.cache_dir / "contexts.sqlite3" if Tier.DISK in pools else None
+        self.scheduler = Scheduler(self.model, self.service)
+        registry_path = cfg.cache_dir / "contexts.sqlite3" if self.service.has_disk else None
         self.contexts = ContextRegistry(registry_path, self.namespace.digest)
         for ctx in self.contexts.all():
             if ctx.expired():
@@ -154,6 +129,18 @@ class KVTierEngine:
             elif ctx.pinned:
                 self._pin_context(ctx)
         self._started = True
+
+    @property
+    def hierarchy(self) -> HierarchyManager:
+        return self.service.hierarchy
+
+    @property
+    def migrator(self) -> KVMigrator:
+        return self.service.migrator
+
+    @property
+    def cost(self) -> CostBenefitModel:
+        return self.service.cost
 
     def _calibrate_prefill_tflops(self) -> float:
         """Measure this machine's prefill throughput once (the model learns it online after that)."""
@@ -174,10 +161,7 @@ class KVTierEngine:
             self.hierarchy.index.unpin(nodes)
         self._context_pins.clear()
         self.contexts.close()
-        disk = self.hierarchy.pools.get(Tier.DISK)
-        if disk is not None:
-            await disk.reap()
-            await disk.store.close()
+        await self.service.close()
 
     def _require_started(self) -> None:
         if not self._started:
@@ -279,8 +263,8 @@ class KVTierEngine:
         if pin:
             self.hierarchy.index.pin(nodes)
             self._context_pins[context_id] = nodes
-            if Tier.DISK in self.hierarchy.pools:
-                await self.scheduler.persist([n.payload for n in nodes])
+            if self.service.has_disk:
+                await self.service.persist([n.payload for n in nodes])
         self.contexts.put(ctx)
         return ctx
 
@@ -348,10 +332,5 @@ class KVTierEngine:
             "index": asdict(self.hierarchy.index.stats()),
             "tiers": {t.name.lower(): asdict(p.stats()) for t, p in self.hierarchy.pools.items()},
             "transfers": self.migrator.direction_stats(),
-            "cost_model": {
-                "prefill_tflops": self.cost.prefill_flops_per_s / 1e12,
-                "links": {
-                    n: {"GBps": t.bandwidth_gbps, "latency_ms": t.latency_ms} for n, t in self.cost.tiers.items()
-                },
-            },
+            "cost_model": self.service.snapshot()["cost_model"],
         }

@@ -1,10 +1,6 @@
-"""Flow control for the scheduler: a byte budget for transfers in flight, and a fair turn for compute.
+"""Flow control for the scheduler: a fair turn for compute (the byte budget for transfers in flight is the
+tier service's, ``kv_runtime.budget``). An asyncio primitive, used only from the event loop.
 
-Both are asyncio primitives, used only from the event loop.
-
-- :class:`ByteBudget` bounds the bytes a direction may have in flight (loads, saves), so a burst of requests
-  cannot claim every staging buffer or flood the disk queue; a transfer larger than the whole budget is let
-  through alone rather than deadlocking.
 - :class:`FairTurn` hands the engine's single compute stream to waiting contexts round-robin: a context that
   just computed goes to the back, so one chatty session cannot starve the others, and within one context
   requests keep their order.
@@ -16,35 +12,6 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
-
-
-class ByteBudget:
-    """At most ``limit`` bytes in flight. A waiter proceeds as soon as its bytes fit, so a small transfer may
-    pass a large one that is still waiting for room."""
-
-    def __init__(self, limit: int) -> None:
-        if limit <= 0:
-            raise ValueError(f"a byte budget needs a positive limit, got {limit}")
-        self.limit = limit
-        self.in_flight = 0
-        self._cond = asyncio.Condition()
-
-    @asynccontextmanager
-    async def hold(self, nbytes: int) -> AsyncIterator[None]:
-        nbytes = min(max(nbytes, 0), self.limit)
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_flight + nbytes <= self.limit)
-            self.in_flight += nbytes
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self.in_flight -= nbytes
-                self._cond.notify_all()
-
-    @property
-    def idle(self) -> bool:
-        return self.in_flight == 0
 
 
 class FairTurn:

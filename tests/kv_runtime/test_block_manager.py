@@ -37,9 +37,19 @@ def kept_candidates(h: HierarchyManager, tier: Tier) -> set[int]:
     return {id(r) for r in h.blocks._candidates[tier]}
 
 
+def reference_movable(h: HierarchyManager, tier: Tier) -> set[int]:
+    """What a demotion may move: every indexed, ready, unpinned block with a copy in ``tier`` and nothing in flight."""
+    return {
+        id(n.payload)
+        for n in list(h.index._nodes.values())
+        if tier in n.payload.copies and not n.payload.in_flight and not n.pin_count and n.ready
+    }
+
+
 def check(h: HierarchyManager) -> None:
     for tier in h.pools:
         assert kept_candidates(h, tier) == reference_candidates(h, tier)
+        assert {id(r) for r in h.blocks.movable(tier)} == reference_movable(h, tier)
         by_tenant = {id(r) for (t, _), rs in h.blocks._by_tenant.items() if t is tier for r in rs}
         assert by_tenant == kept_candidates(h, tier)
 
