@@ -25,6 +25,7 @@ Disk writes never delay a load a request waits for: they wait while loads are in
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -146,7 +147,10 @@ class TierService:
         restart), the migrator, the cost model with the configured or measured priors, and the migration policy.
         Called on the event loop the service will run its transfers on."""
         config.check_engine()
-        pools: dict[Tier, Any] = {Tier.DDR: DDRPool(config.ddr_bytes)}
+        # NOTE: a normal tensor, even where the loop runs under inference mode (LMDeploy's): any thread may
+        # then write into it, and copies into it under inference mode are allowed too.
+        with torch.inference_mode(False):
+            pools: dict[Tier, Any] = {Tier.DDR: DDRPool(config.ddr_bytes)}
         if config.disk_bytes:
             pools[Tier.DISK] = await DiskPool.open_sized(
                 Path(config.cache_dir) / "blocks", config.disk_bytes, io_threads=config.io_threads
@@ -274,7 +278,7 @@ class TierService:
                 pos = 0
                 ahead: asyncio.Task | None = None
                 while pos < len(nodes):
-                    chunk = nodes[pos : pos + per]
+                    chunk = self._chunk(nodes, pos, per)
                     was_ahead = ahead is not None
                     up = ahead if ahead is not None else asyncio.ensure_future(self._promote(chunk))
                     ahead = None
@@ -293,7 +297,7 @@ class TierService:
                             per = max(1, per // 2)  # DDR is tighter than planned: smaller chunks, same order
                             continue
                         break
-                    nxt = nodes[pos + good : pos + good + per]
+                    nxt = self._chunk(nodes, pos + good, per)
                     if good == len(chunk) and any(Tier.DDR not in n.payload.copies for n in nxt):
                         ahead = asyncio.ensure_future(self._promote(nxt))
                     try:
@@ -313,8 +317,12 @@ class TierService:
                 if ahead is not None:
                     await asyncio.gather(ahead, return_exceptions=True)
         except Exception:
-            log.warning("kvtier: loading %d blocks failed after %d; recomputing the rest", len(nodes),
-                        result.blocks, exc_info=True)
+            log.warning(
+                "kvtier: loading %d blocks failed after %d; the engine recomputes the rest",
+                len(nodes),
+                result.blocks,
+                exc_info=True,
+            )
         finally:
             self._loads_running -= 1
             if not self._loads_running:
@@ -325,6 +333,15 @@ class TierService:
             self.cost.observe_transfer("disk" if result.from_disk else "ddr", result.nbytes, result.seconds)
             self.after_use([n.payload for n in nodes[: result.blocks]])
         return result
+
+    @staticmethod
+    def _chunk(nodes: Sequence[BlockNode], pos: int, per: int) -> Sequence[BlockNode]:
+        """The next piece of a load: the whole run of blocks already in DDR (nothing to make room for, one copy
+        into the engine), or up to ``per`` blocks of which some must first come up from disk."""
+        end = pos
+        while end < len(nodes) and Tier.DDR in nodes[end].payload.copies:
+            end += 1
+        return nodes[pos:end] if end > pos else nodes[pos : pos + per]
 
     async def _promote(self, chunk: Sequence[BlockNode]) -> tuple[set[int], int, bool]:
         """The chunk's disk-only blocks up to DDR, verified; ``(ids of those promoted, misses, ran out of room)``."""
@@ -461,8 +478,10 @@ class TierService:
         if not self.has_disk or pool.free_bytes >= nbytes:
             return
         victims, freed = [], 0
+        # The walk is bounded: a policy that keeps nothing must not turn every save into a scan of DDR.
+        budget = 4 * (nbytes // max(1, self.hierarchy.blocks.reserve_size(pool, 1))) + 64
         with self.hierarchy._lock:
-            for r in self.hierarchy.blocks.movable(Tier.DDR):
+            for r in itertools.islice(self.hierarchy.blocks.movable(Tier.DDR), budget):
                 if freed >= nbytes - pool.free_bytes:
                     break
                 if Tier.DISK in r.copies:  # dropping it loses nothing
@@ -556,4 +575,3 @@ def measure_ddr_link_gbps(device: torch.device, nbytes: int = 64 << 20) -> float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return nbytes / (time.perf_counter() - start) / 1e9
-

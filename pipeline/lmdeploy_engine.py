@@ -59,8 +59,9 @@ def _block_bytes(config: KVTierConfig) -> int:
     from kv_runtime.layout import KVLayout
 
     model_config = orjson.loads((Path(config.model) / "config.json").read_bytes())
-    dtype = config.dtype if config.dtype != "auto" else model_config.get("torch_dtype", "bfloat16")
-    return KVLayout.from_config(model_config, block_size=config.block_size, dtype=dtype).block_bytes
+    return KVLayout.from_config(
+        model_config, block_size=config.block_size, dtype=config.resolve_dtype(model_config)
+    ).block_bytes
 
 
 class LMDeployKVTierEngine:
@@ -162,7 +163,7 @@ class LMDeployKVTierEngine:
         m = RequestMetrics(prompt_tokens=len(tokens), plan="engine")
         t0 = time.perf_counter()
         if split:
-            plan = self.store.plan_split(tokens)
+            plan = self.store.scheduler.plan_split(tokens)
             if plan is not None:
                 front, _ = plan
                 m.plan = "both"

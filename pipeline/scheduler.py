@@ -40,6 +40,7 @@ from kv_runtime.service import Lease, LoadResult, TierService
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(slots=True)
 class RequestMetrics:
     """What one request cost and where its prefix came from."""

@@ -12,14 +12,15 @@ Calling it again changes nothing. LMDeploy versions other than 0.18 are refused 
 connector interface it implements is 0.18's.
 
 The connector itself is thin: it translates LMDeploy's objects (``SchedulerSequence``, its step snapshot, its
-outputs) into plain values for ``LMDeployStore``, which holds all of the logic.
+outputs) into plain values for the store's scheduler side (scheduler role) or worker side (worker role), which
+hold all of the logic; a step's metadata carries the scheduler side's plain ``StepWork`` to the worker.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -136,17 +137,19 @@ def _connector_class() -> type:
         KVSaveBlockLease,
     )
 
-    from kv_runtime.backends.lmdeploy_backend import EngineFormat, LMDeployStore, StoreSettings
+    from kv_runtime.backends.lmdeploy_backend import EngineFormat, LMDeployStore, StepWork
+    from kv_runtime.config import KVTierConfig
 
     @dataclass(frozen=True)
     class KVTierMetadata(KVConnectorMetadata):
-        """One step's work: load request ids, and save ids with the logical blocks LMDeploy leases for them."""
+        """One step's work for the worker side (plain data), and the logical blocks LMDeploy leases to saves."""
 
-        loads: tuple[int, ...] = ()
-        saves: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        work: StepWork = field(default_factory=StepWork)
 
         def get_save_block_leases(self) -> tuple[KVSaveBlockLease, ...]:
-            return tuple(KVSaveBlockLease(operation_id=s, logical_block_ids=ids) for s, ids in self.saves)
+            return tuple(
+                KVSaveBlockLease(operation_id=s.save_id, logical_block_ids=s.logical_ids) for s in self.work.saves
+            )
 
     class KVTierConnector(KVConnectorBase):
         """kvtier's DDR and disk tiers under LMDeploy's GPU prefix cache (both roles, one process)."""
@@ -179,7 +182,10 @@ def _connector_class() -> type:
                 tp_rank=tp_rank,
                 tp_size=tp_size,
             )
-            self.store = LMDeployStore.shared(StoreSettings.from_extra(transfer.kv_connector_extra_config), fmt)
+            config = KVTierConfig.from_plain(transfer.kv_connector_extra_config)
+            self.store = LMDeployStore.shared(config, fmt)
+            self.scheduler = self.store.scheduler
+            self.worker = self.store.worker
 
         # -- scheduler role
         @staticmethod
@@ -189,7 +195,7 @@ def _connector_class() -> type:
         def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
             if not self.consumer or not self._plain(request):
                 return 0, False
-            return self.store.lookup(
+            return self.scheduler.lookup(
                 int(request.seq_id),
                 request.all_ids,
                 int(num_computed_tokens),
@@ -197,7 +203,7 @@ def _connector_class() -> type:
             )
 
         def update_state_after_alloc(self, request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-            self.store.bind(int(request.seq_id), block_ids, int(num_external_tokens))
+            self.scheduler.bind(int(request.seq_id), block_ids, int(num_external_tokens))
 
         def build_connector_meta(self, step_input) -> KVTierMetadata | None:
             running = []
@@ -211,16 +217,16 @@ def _connector_class() -> type:
                 ):
                     if self._plain(seq):
                         running.append((int(seq.seq_id), seq.all_ids, int(n), ids, logical))
-            work = self.store.step_work(running, producer=self.producer)
+            work = self.scheduler.step_work(running, producer=self.producer)
             if work is None:
                 return None
-            return KVTierMetadata(loads=work[0], saves=work[1])
+            return KVTierMetadata(work=work)
 
         def on_new_request(self, request) -> None:
-            self.store.new_request(int(request.seq_id))
+            self.scheduler.new_request(int(request.seq_id))
 
         def update_connector_output(self, connector_output: KVConnectorOutput) -> KVConnectorResult:
-            results, saves = self.store.finish(
+            results, saves = self.scheduler.finish(
                 connector_output.finished_receiving or set(),
                 connector_output.invalid_block_ids,
                 connector_output.completed_save_ids or set(),
@@ -231,10 +237,10 @@ def _connector_class() -> type:
             )
 
         def finish_transfers_after_worker_drain(self) -> None:
-            self.store.drain()
+            self.scheduler.drain()
 
         def request_finished(self, request) -> None:
-            self.store.request_finished(int(request.seq_id))
+            self.scheduler.request_finished(int(request.seq_id))
 
         # -- worker role
         def register_kv_caches(self, kv_caches: Mapping[str, Any]) -> None:
@@ -243,21 +249,21 @@ def _connector_class() -> type:
                 rows.extend([value] if torch.is_tensor(value) else list(value))
                 if not rows:
                     raise ValueError(f"KV cache {name!r} has no rows")
-            self.store.register(rows, self.cache_config.num_gpu_blocks)
+            self.worker.register(rows, self.cache_config.num_gpu_blocks)
 
         def start_load_kv(self) -> None:
             meta = self._get_connector_metadata()
-            if meta.loads:
-                self.store.start_loads(meta.loads, torch.cuda.current_stream().record_event())
+            if meta.work.loads:
+                self.worker.start_loads(meta.work.loads, torch.cuda.current_stream().record_event())
 
         def start_save_kv(self) -> None:
             meta = self._get_connector_metadata()
-            if meta.saves:
+            if meta.work.saves:
                 # Recorded on the compute stream after this step's forward was queued: saves copy only after it.
-                self.store.start_saves([s for s, _ in meta.saves], torch.cuda.current_stream().record_event())
+                self.worker.start_saves(meta.work.saves, torch.cuda.current_stream().record_event())
 
         def get_finished(self) -> KVConnectorOutput:
-            loads, saves = self.store.poll()
+            loads, saves = self.worker.poll()
             invalid = {b for ids in loads.values() for b in ids}
             return KVConnectorOutput(
                 completed_save_ids=saves or None, finished_receiving=set(loads) or None, invalid_block_ids=invalid
@@ -265,7 +271,7 @@ def _connector_class() -> type:
 
         def shutdown(self) -> None:
             if self.role is KVConnectorRole.WORKER:
-                self.store.wait_idle()
+                self.worker.wait_idle()
 
     _CLASS = KVTierConnector
     return _CLASS

@@ -18,7 +18,8 @@ import pytest
 import torch
 from runtime_helpers import tokens
 
-from kv_runtime.backends.lmdeploy_backend import EngineFormat, LMDeployStore, StoreSettings
+from kv_runtime.backends.lmdeploy_backend import EngineFormat, LMDeployStore, LoadOrder, StepWork
+from kv_runtime.config import KVTierConfig
 from kv_runtime.migrator import MigrationPlan
 from kv_runtime.pool import Tier
 
@@ -49,9 +50,9 @@ class Stores:
         self.cache_dir = tmp_path / "cache"
         self.open: list[LMDeployStore] = []
 
-    def settings(self, **extra) -> StoreSettings:
-        base = {"model": str(self.model), "ddr_bytes": 4 << 20, "cache_dir": str(self.cache_dir)}
-        return StoreSettings.from_extra({**base, **extra})
+    def settings(self, **extra) -> KVTierConfig:
+        base = {"model": str(self.model), "engine": "lmdeploy", "ddr_bytes": 4 << 20, "cache_dir": str(self.cache_dir)}
+        return KVTierConfig.from_plain({**base, **extra})
 
     def __call__(self, fmt: EngineFormat | None = None, *, disk: bool = False, **extra) -> LMDeployStore:
         if disk:
@@ -96,6 +97,14 @@ def place(store: LMDeployStore, toks, nblocks: int, *, disk: int = 0, keep_ddr: 
     return nodes
 
 
+def step(store: LMDeployStore, running, producer: bool = True):
+    """``step_work`` as ``(load request ids, ((save id, logical ids), ...))``, or None."""
+    work: StepWork | None = store.scheduler.step_work(running, producer=producer)
+    if work is None:
+        return None
+    return tuple(o.request_id for o in work.loads), tuple((o.save_id, o.logical_ids) for o in work.saves)
+
+
 def pins(nodes) -> list[int]:
     return [n.pin_count for n in nodes]
 
@@ -116,68 +125,21 @@ def test_io_threads_reach_the_disk_tier(stores):
     assert store.hierarchy.pools[Tier.DISK].store.file_io.threads == 3
 
 
-def test_from_extra_parses_values(stores):
-    s = StoreSettings.from_extra(
-        {
-            "model": str(stores.model),
-            "dtype": "bfloat16",
-            "ddr_bytes": 1 << 20,
-            "disk_bytes": 0,
-            "write_mode": "selective",
-            "cache_salt": "tenant-a",
-            "prefill_tflops": 12.5,
-            "ddr_gbps": 10.0,
-            "disk_gbps": 0.5,
-            "io_threads": 3,
-        }
-    )
-    assert s == StoreSettings(
-        model=str(stores.model),
-        dtype="bfloat16",
-        ddr_bytes=1 << 20,
-        disk_bytes=0,
-        cache_dir="kvtier-cache",
-        write_mode="selective",
-        cache_salt="tenant-a",
-        prefill_tflops=12.5,
-        ddr_gbps=10.0,
-        disk_gbps=0.5,
-        io_threads=3,
-    )
-    defaults = StoreSettings.from_extra({"model": "m"})
-    assert (defaults.ddr_bytes, defaults.disk_bytes, defaults.write_mode) == (8 << 30, 0, "write-through")
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ({"model": "m", "ddr_byte": 1}, r"unknown settings \['ddr_byte'\]"),
-        ({"ddr_bytes": 1 << 20}, r"kv_connector_extra_config\['model'\] must name the model directory"),
-        ({"model": ""}, r"must name the model directory"),
-        ({"model": "m", "ddr_bytes": -1}, r"ddr_bytes must be a byte count >= 0, got -1"),
-        ({"model": "m", "ddr_bytes": "8GiB"}, r"ddr_bytes must be a byte count >= 0, got '8GiB'"),
-        ({"model": "m", "disk_bytes": True}, r"disk_bytes must be a byte count >= 0, got True"),
-        ({"model": "m", "disk_bytes": 1.5}, r"disk_bytes must be a byte count >= 0, got 1.5"),
-        ({"model": "m", "ddr_bytes": 0}, r"ddr_bytes must be > 0"),
-        ({"model": "m", "write_mode": "write-back"}, r"write_mode must be one of .*got 'write-back'"),
-        ({"model": "m", "io_threads": 0}, r"io_threads must be a positive int, got 0"),
-        ({"model": "m", "io_threads": 2.0}, r"io_threads must be a positive int, got 2.0"),
-    ],
-)
-def test_from_extra_rejects_bad_settings(extra, message):
-    with pytest.raises(ValueError, match=message):
-        StoreSettings.from_extra(extra)
-
-
-@pytest.mark.parametrize("extra", [{"prefill_tflops": 0.0}, {"ddr_gbps": 0.0}, {"disk_gbps": -1.0}])
-def test_from_extra_rejects_non_positive_rates(extra):
-    with pytest.raises(ValueError, match=next(iter(extra))):
-        StoreSettings.from_extra({"model": "m", **extra})
+def test_the_store_reads_its_settings_from_the_one_configuration(stores):
+    """The connector's settings arrive as plain data and become the same KVTierConfig the other engine uses."""
+    store = stores(write_mode="write-back", cache_salt="tenant-a", prefill_tflops=12.5, ddr_gbps=10.0)
+    assert store.config == KVTierConfig.from_plain(store.config.to_plain())
+    config = store.config
+    assert (config.engine, config.write_mode, config.cache_salt) == ("lmdeploy", "write-back", "tenant-a")
+    assert store.service.policy.mode == "write-back"
+    assert store.cost.prefill_flops_per_s == 12.5e12 and store.cost.tiers["ddr"].bandwidth_gbps == 10.0
+    with pytest.raises(ValueError, match="ddr_bytes"):
+        stores(ddr_bytes=0)
 
 
 def test_missing_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"has no config\.json"):
-        LMDeployStore(StoreSettings.from_extra({"model": str(tmp_path)}), EngineFormat(block_size=BS))
+        LMDeployStore(KVTierConfig(model=str(tmp_path)), EngineFormat(block_size=BS))
 
 
 def test_shared_store_per_settings_and_format(stores):
@@ -249,12 +211,12 @@ def test_blocks_on_disk_are_not_matched_under_another_format(stores, variant):
     other = stores(fmt, disk=True, **extra)
     other.always_load = True
     assert other.hierarchy.match(other.keyer.request(toks[:96])) == []
-    assert other.lookup(1, toks, 0, PROMPT - 1) == (0, False)
+    assert other.scheduler.lookup(1, toks, 0, PROMPT - 1) == (0, False)
     stores.close(other)
 
     same = stores(disk=True)
     same.always_load = True
-    assert same.lookup(1, toks, 0, PROMPT - 1) == (64, True)
+    assert same.scheduler.lookup(1, toks, 0, PROMPT - 1) == (64, True)
     assert [sorted(n.payload.copies) for n in same.hierarchy.match(same.keyer.request(toks[:64]))] == [[Tier.DISK]] * 4
 
 
@@ -264,7 +226,7 @@ def test_blocks_on_disk_are_not_matched_under_another_format(stores, variant):
 def test_lookup_without_a_match(stores):
     store = stores(**SLOW_GPU)
     place(store, tokens(3, PROMPT), 4)
-    assert store.lookup(1, tokens(4, PROMPT), 0, PROMPT - 1) == (0, False)
+    assert store.scheduler.lookup(1, tokens(4, PROMPT), 0, PROMPT - 1) == (0, False)
     assert (store.stats.lookups, store.stats.hits, store.stats.planned_recompute) == (0, 0, 0)
 
 
@@ -272,13 +234,13 @@ def test_lookup_hit_in_ddr_pins_until_request_finished(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(5, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(1, toks, 16, PROMPT - 1) == (48, True)  # blocks [1, 4): LMDeploy holds block 0
+    assert store.scheduler.lookup(1, toks, 16, PROMPT - 1) == (48, True)  # blocks [1, 4): LMDeploy holds block 0
     assert pins(nodes) == [0, 1, 1, 1]
     assert (store.stats.lookups, store.stats.hits) == (1, 1)
     # LMDeploy asks again while it waits for blocks: same answer, no second pin
-    assert store.lookup(1, toks, 16, PROMPT - 1) == (48, True)
+    assert store.scheduler.lookup(1, toks, 16, PROMPT - 1) == (48, True)
     assert pins(nodes) == [0, 1, 1, 1]
-    store.request_finished(1)
+    store.scheduler.request_finished(1)
     assert pins(nodes) == [0, 0, 0, 0]
 
 
@@ -286,12 +248,12 @@ def test_lookup_of_the_whole_prefix(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(6, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(1, toks, 0, PROMPT - 1) == (64, True)
+    assert store.scheduler.lookup(1, toks, 0, PROMPT - 1) == (64, True)
     assert pins(nodes) == [1, 1, 1, 1]
     # a shorter prompt sharing two blocks
     other = toks.copy()
     other[40:] += 1
-    assert store.lookup(2, other, 0, PROMPT - 1) == (32, True)
+    assert store.scheduler.lookup(2, other, 0, PROMPT - 1) == (32, True)
     assert pins(nodes) == [2, 2, 1, 1]
 
 
@@ -299,11 +261,11 @@ def test_pinned_blocks_are_not_evicted(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(7, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(1, toks, 32, PROMPT - 1) == (32, True)
+    assert store.scheduler.lookup(1, toks, 32, PROMPT - 1) == (32, True)
     assert pins(nodes) == [0, 0, 1, 1]
     assert store.hierarchy.evict(Tier.DDR, 1 << 30) == 0  # leaves pinned, their parents have children
     assert [len(n.payload.copies) for n in nodes] == [1, 1, 1, 1]
-    store.request_finished(1)
+    store.scheduler.request_finished(1)
     assert store.hierarchy.evict(Tier.DDR, 1 << 30) == 4 * BLOCK_BYTES
 
 
@@ -312,7 +274,7 @@ def test_lookup_past_the_hit_is_zero(stores, num_computed):
     store = stores(**SLOW_GPU)
     toks = tokens(8, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(1, toks, num_computed, PROMPT - 1) == (0, False)
+    assert store.scheduler.lookup(1, toks, num_computed, PROMPT - 1) == (0, False)
     assert pins(nodes) == [0, 0, 0, 0]
     assert store.stats.hits == 0
 
@@ -332,7 +294,7 @@ def test_max_step_caps_the_hit_to_whole_blocks(stores, max_step, expected, pinne
     store = stores(**SLOW_GPU)
     toks = tokens(9, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(1, toks, 0, max_step) == expected
+    assert store.scheduler.lookup(1, toks, 0, max_step) == expected
     assert pins(nodes) == pinned
 
 
@@ -340,11 +302,11 @@ def test_cost_model_recomputes_a_cheap_prefix(stores):
     store = stores(prefill_tflops=1e6)  # recompute is (much) faster than 0.1 ms of DDR latency
     toks = tokens(10, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(1, toks, 0, PROMPT - 1) == (0, False)
+    assert store.scheduler.lookup(1, toks, 0, PROMPT - 1) == (0, False)
     assert (store.stats.lookups, store.stats.hits, store.stats.planned_recompute) == (1, 0, 1)
     assert pins(nodes) == [0, 0, 0, 0]
     store.always_load = True
-    assert store.lookup(2, toks, 0, PROMPT - 1) == (64, True)
+    assert store.scheduler.lookup(2, toks, 0, PROMPT - 1) == (64, True)
     assert (store.stats.lookups, store.stats.hits, store.stats.planned_recompute) == (2, 1, 1)
     assert pins(nodes) == [1, 1, 1, 1]
 
@@ -354,20 +316,20 @@ def test_cost_model_recomputes_a_slow_disk_prefix(stores):
     store = stores(disk=True, disk_gbps=1e-6, **SLOW_GPU)
     toks = tokens(11, PROMPT)
     nodes = place(store, toks, 4, disk=4)
-    assert store.lookup(1, toks, 0, PROMPT - 1) == (0, False)
+    assert store.scheduler.lookup(1, toks, 0, PROMPT - 1) == (0, False)
     assert store.stats.planned_recompute == 1
     assert pins(nodes) == [0, 0, 0, 0]
     store.always_load = True
-    assert store.lookup(2, toks, 0, PROMPT - 1) == (64, True)
+    assert store.scheduler.lookup(2, toks, 0, PROMPT - 1) == (64, True)
     assert pins(nodes) == [1, 1, 1, 1]
-    store.request_finished(2)
+    store.scheduler.request_finished(2)
 
 
 def test_cost_model_loads_the_ddr_part_of_a_mixed_prefix(stores):
     store = stores(disk=True, disk_gbps=1e-6, **SLOW_GPU)
     toks = tokens(12, PROMPT)
     nodes = place(store, toks, 4, disk=2)  # blocks 0, 1 in DDR; 2, 3 on disk only
-    assert store.lookup(1, toks, 0, PROMPT - 1) == (32, True)
+    assert store.scheduler.lookup(1, toks, 0, PROMPT - 1) == (32, True)
     assert pins(nodes) == [1, 1, 0, 0]
     assert (store.stats.hits, store.stats.planned_recompute) == (1, 0)
 
@@ -376,7 +338,7 @@ def test_fast_disk_prefix_is_loaded(stores):
     store = stores(disk=True, **SLOW_GPU)  # 1.5 GB/s, 1 ms: far below ~38 ms per block
     toks = tokens(13, PROMPT)
     nodes = place(store, toks, 4, disk=4)
-    assert store.lookup(1, toks, 0, PROMPT - 1) == (64, True)
+    assert store.scheduler.lookup(1, toks, 0, PROMPT - 1) == (64, True)
     assert pins(nodes) == [1, 1, 1, 1]
 
 
@@ -387,39 +349,39 @@ def test_bind_then_step_work_starts_the_load(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(14, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.step_work([]) is None
-    assert store.lookup(7, toks, 16, PROMPT - 1) == (48, True)
-    assert store.step_work([]) is None  # a lookup alone starts nothing
-    store.bind(7, [10, 11, 12], 48)
-    assert store.step_work([]) == ((7,), ())
-    assert store._inflight_loads[7].block_ids == (10, 11, 12)
-    assert store._inflight_loads[7].first == 1
-    assert store.step_work([]) == ((), ())  # in flight: LMDeploy keeps polling, nothing new to start
+    assert step(store, []) is None
+    assert store.scheduler.lookup(7, toks, 16, PROMPT - 1) == (48, True)
+    assert step(store, []) is None  # a lookup alone starts nothing
+    store.scheduler.bind(7, [10, 11, 12], 48)
+    assert step(store, []) == ((7,), ())
+    assert store.loads[7].block_ids == (10, 11, 12)
+    assert store.loads[7].first == 1
+    assert step(store, []) == ((), ())  # in flight: LMDeploy keeps polling, nothing new to start
     assert pins(nodes) == [0, 1, 1, 1]
-    assert store.finish({7}, set(), set()) == (((7, True),), frozenset())
-    assert store.step_work([]) is None
+    assert store.scheduler.finish({7}, set(), set()) == (((7, True),), frozenset())
+    assert step(store, []) is None
 
 
 def test_bind_with_more_local_blocks_releases_the_skipped_ones(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(15, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(7, toks, 16, PROMPT - 1) == (48, True)
-    store.bind(7, [21, 22], 32)  # LMDeploy found block 1 in its own cache meanwhile
+    assert store.scheduler.lookup(7, toks, 16, PROMPT - 1) == (48, True)
+    store.scheduler.bind(7, [21, 22], 32)  # LMDeploy found block 1 in its own cache meanwhile
     assert pins(nodes) == [0, 0, 1, 1]
-    assert store.step_work([]) == ((7,), ())
-    assert (store._inflight_loads[7].first, store._inflight_loads[7].block_ids) == (2, (21, 22))
+    assert step(store, []) == ((7,), ())
+    assert (store.loads[7].first, store.loads[7].block_ids) == (2, (21, 22))
 
 
 def test_bind_of_nothing_keeps_the_lookup(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(16, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(7, toks, 0, PROMPT - 1) == (64, True)
-    store.bind(7, [], 0)
-    assert store.step_work([]) is None
+    assert store.scheduler.lookup(7, toks, 0, PROMPT - 1) == (64, True)
+    store.scheduler.bind(7, [], 0)
+    assert step(store, []) is None
     assert pins(nodes) == [1, 1, 1, 1]
-    store.request_finished(7)
+    store.scheduler.request_finished(7)
     assert pins(nodes) == [0, 0, 0, 0]
 
 
@@ -435,11 +397,11 @@ def test_bad_bind_is_refused_and_unpins(stores, block_ids, n, message):
     store = stores(**SLOW_GPU)
     toks = tokens(17, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(7, toks, 16, PROMPT - 1) == (48, True)
+    assert store.scheduler.lookup(7, toks, 16, PROMPT - 1) == (48, True)
     with pytest.raises(ValueError, match=message):
-        store.bind(7, block_ids, n)
+        store.scheduler.bind(7, block_ids, n)
     assert pins(nodes) == [0, 0, 0, 0]
-    assert store.step_work([]) is None
+    assert step(store, []) is None
 
 
 # ====================================================================== saves
@@ -452,35 +414,35 @@ def _running(request_id, toks, token_len, nblocks=7, base=100):
 def test_saves_full_blocks_once_per_request(stores):
     store = stores()
     toks = tokens(20, 112)
-    assert store.step_work([_running(1, toks, 15)]) is None  # not one full block yet
-    assert store.step_work([_running(1, toks, 40)]) == ((), ((0, (0, 1)),))
-    assert store._saves[0].block_ids == (100, 101) and store._saves[0].first == 0
-    assert store.step_work([_running(1, toks, 70)]) == ((), ((1, (2, 3)),))
-    assert store._saves[1].block_ids == (102, 103) and store._saves[1].first == 2
-    assert store.step_work([_running(1, toks, 79)]) == ((), ())  # nothing new; saves still in flight
+    assert step(store, [_running(1, toks, 15)]) is None  # not one full block yet
+    assert step(store, [_running(1, toks, 40)]) == ((), ((0, (0, 1)),))
+    assert store.saves[0].block_ids == (100, 101) and store.saves[0].first == 0
+    assert step(store, [_running(1, toks, 70)]) == ((), ((1, (2, 3)),))
+    assert store.saves[1].block_ids == (102, 103) and store.saves[1].first == 2
+    assert step(store, [_running(1, toks, 79)]) == ((), ())  # nothing new; saves still in flight
     assert store.saves_in_flight() == 2
-    assert store.finish(set(), set(), {0, 1, 99}) == ((), frozenset({0, 1}))
-    assert store.finish(set(), set(), {0, 1}) == ((), frozenset())  # reported once
+    assert store.scheduler.finish(set(), set(), {0, 1, 99}) == ((), frozenset({0, 1}))
+    assert store.scheduler.finish(set(), set(), {0, 1}) == ((), frozenset())  # reported once
     assert store.saves_in_flight() == 0
-    assert store.step_work([_running(1, toks, 79)]) is None
+    assert step(store, [_running(1, toks, 79)]) is None
     assert store.stats.skipped_saves == 0
 
 
 def test_saves_are_tracked_per_request(stores):
     store = stores()
     a, b = tokens(21, 112), tokens(22, 112)
-    work = store.step_work([_running(1, a, 48), _running(2, b, 32, base=200)])
+    work = step(store, [_running(1, a, 48), _running(2, b, 32, base=200)])
     assert work == ((), ((0, (0, 1, 2)), (1, (0, 1))))
-    assert store._saves[1].block_ids == (200, 201)
-    work = store.step_work([_running(1, a, 50), _running(2, b, 64, base=200)])
+    assert store.saves[1].block_ids == (200, 201)
+    work = step(store, [_running(1, a, 50), _running(2, b, 64, base=200)])
     assert work == ((), ((2, (2, 3)),))
-    store.request_finished(2)  # a request that ends and comes back (same id) starts over
-    assert store.step_work([_running(2, b, 64, base=200)]) == ((), ((3, (0, 1, 2, 3)),))
+    store.scheduler.request_finished(2)  # a request that ends and comes back (same id) starts over
+    assert step(store, [_running(2, b, 64, base=200)]) == ((), ((3, (0, 1, 2, 3)),))
 
 
 def test_no_saves_when_not_a_producer(stores):
     store = stores()
-    assert store.step_work([_running(1, tokens(23, 112), 64)], producer=False) is None
+    assert step(store, [_running(1, tokens(23, 112), 64)], producer=False) is None
     assert store.saves_in_flight() == 0
 
 
@@ -488,10 +450,10 @@ def test_blocks_kvtier_holds_are_not_saved_again(stores):
     store = stores()
     toks = tokens(24, 112)
     place(store, toks, 3)
-    assert store.step_work([_running(1, toks, 48)]) is None
+    assert step(store, [_running(1, toks, 48)]) is None
     assert store.stats.skipped_saves == 3
-    assert store.step_work([_running(1, toks, 80)]) == ((), ((0, (3, 4)),))
-    assert store._saves[0].first == 3 and store._saves[0].block_ids == (103, 104)
+    assert step(store, [_running(1, toks, 80)]) == ((), ((0, (3, 4)),))
+    assert store.saves[0].first == 3 and store.saves[0].block_ids == (103, 104)
     assert store.stats.skipped_saves == 3
 
 
@@ -499,15 +461,15 @@ def test_partially_held_prompt_saves_only_the_rest(stores):
     store = stores()
     toks = tokens(25, 112)
     place(store, toks, 3)
-    assert store.step_work([_running(1, toks, 80)]) == ((), ((0, (3, 4)),))
-    assert store._saves[0].first == 3 and store._saves[0].block_ids == (103, 104)
+    assert step(store, [_running(1, toks, 80)]) == ((), ((0, (3, 4)),))
+    assert store.saves[0].first == 3 and store.saves[0].block_ids == (103, 104)
 
 
 def test_partially_held_prompt_counts_the_skipped_blocks(stores):
     store = stores()
     toks = tokens(25, 112)
     place(store, toks, 3)
-    assert store.step_work([_running(1, toks, 80)]) == ((), ((0, (3, 4)),))
+    assert step(store, [_running(1, toks, 80)]) == ((), ((0, (3, 4)),))
     assert store.stats.skipped_saves == 3
 
 
@@ -517,7 +479,7 @@ def test_fewer_blocks_than_the_save_boundary_is_an_error(stores, nblocks, nlogic
     toks = tokens(26, 112)
     running = (1, toks, 64, list(range(nblocks)), list(range(nlogical)))
     with pytest.raises(RuntimeError, match="request 1 has fewer blocks than its 64-token save boundary"):
-        store.step_work([running])
+        step(store, [running])
     assert store.saves_in_flight() == 0
 
 
@@ -525,9 +487,9 @@ def test_fewer_blocks_than_the_save_boundary_is_an_error(stores, nblocks, nlogic
 
 
 def _start_load(store, request_id, toks, num_computed, block_ids):
-    n, _ = store.lookup(request_id, toks, num_computed, PROMPT - 1)
-    store.bind(request_id, block_ids, n)
-    assert store.step_work([]) == ((request_id,), ())
+    n, _ = store.scheduler.lookup(request_id, toks, num_computed, PROMPT - 1)
+    store.scheduler.bind(request_id, block_ids, n)
+    assert step(store, []) == ((request_id,), ())
 
 
 def test_load_with_invalid_blocks_fails_and_refuses_later_lookups(stores):
@@ -535,12 +497,12 @@ def test_load_with_invalid_blocks_fails_and_refuses_later_lookups(stores):
     toks = tokens(30, PROMPT)
     place(store, toks, 4)
     _start_load(store, 7, toks, 16, [10, 11, 12])
-    assert store.finish({7}, {11, 500}, set()) == (((7, False),), frozenset())
-    assert store.finish({7}, set(), set()) == ((), frozenset())  # reported once
-    assert store.lookup(7, toks, 16, PROMPT - 1) == (0, False)
-    assert store.lookup(8, toks, 16, PROMPT - 1) == (48, True)  # other requests still load
-    store.new_request(7)  # the id is reused for a new request: lookups are allowed again
-    assert store.lookup(7, toks, 16, PROMPT - 1) == (48, True)
+    assert store.scheduler.finish({7}, {11, 500}, set()) == (((7, False),), frozenset())
+    assert store.scheduler.finish({7}, set(), set()) == ((), frozenset())  # reported once
+    assert store.scheduler.lookup(7, toks, 16, PROMPT - 1) == (0, False)
+    assert store.scheduler.lookup(8, toks, 16, PROMPT - 1) == (48, True)  # other requests still load
+    store.scheduler.new_request(7)  # the id is reused for a new request: lookups are allowed again
+    assert store.scheduler.lookup(7, toks, 16, PROMPT - 1) == (48, True)
 
 
 def test_load_with_invalid_blocks_of_another_request_succeeds(stores):
@@ -548,7 +510,7 @@ def test_load_with_invalid_blocks_of_another_request_succeeds(stores):
     toks = tokens(31, PROMPT)
     place(store, toks, 4)
     _start_load(store, 7, toks, 0, [10, 11, 12, 13])
-    assert store.finish({7, 9}, {14, 99}, set()) == (((7, True),), frozenset())
+    assert store.scheduler.finish({7, 9}, {14, 99}, set()) == (((7, True),), frozenset())
     assert store.stats.failed_loads == 0
 
 
@@ -560,16 +522,17 @@ def test_failed_worker_load_is_reported_unpinned_and_recomputed_blocks_are_saved
     nodes = place(store, toks, 4)
     _start_load(store, 7, toks, 16, [10, 11, 12])
     assert pins(nodes) == [0, 1, 1, 1]
-    store.start_loads([7, 8], ready=None)
-    assert "failed to start" in caplog.text
-    assert store.poll() == ({7: (10, 11, 12)}, set())
+    store.worker.start_loads([LoadOrder(7, (10, 11, 12)), LoadOrder(8, (20,))], ready=None)
+    store.wait_idle()  # the load runs on kvtier's loop; 8 was never bound, so it is ignored
+    assert "failed" in caplog.text
+    assert store.worker.poll() == ({7: (10, 11, 12)}, set())
     assert pins(nodes) == [0, 0, 0, 0]
     assert store.stats.failed_loads == 1
-    assert store.finish({7}, {10, 11, 12}, set()) == (((7, False),), frozenset())
+    assert store.scheduler.finish({7}, {10, 11, 12}, set()) == (((7, False),), frozenset())
     # kvtier lost blocks [1, 4) (say, unreadable): LMDeploy recomputes them and they are saved again
     store.hierarchy.drop(nodes[1])
-    assert store.step_work([(7, toks, 64, [0, 10, 11, 12], [0, 1, 2, 3])]) == ((), ((0, (1, 2, 3)),))
-    assert store._saves[0].block_ids == (10, 11, 12)
+    assert step(store, [(7, toks, 64, [0, 10, 11, 12], [0, 1, 2, 3])]) == ((), ((0, (1, 2, 3)),))
+    assert store.saves[0].block_ids == (10, 11, 12)
 
 
 def test_clean_load_is_not_saved_back(stores):
@@ -577,24 +540,24 @@ def test_clean_load_is_not_saved_back(stores):
     toks = tokens(33, PROMPT)
     nodes = place(store, toks, 4)
     _start_load(store, 7, toks, 16, [10, 11, 12])
-    assert store.finish({7}, set(), set()) == (((7, True),), frozenset())
+    assert store.scheduler.finish({7}, set(), set()) == (((7, True),), frozenset())
     store.hierarchy.index.unpin(nodes[1:])  # what the worker does when the copies have completed
     store.hierarchy.drop(nodes[0])  # kvtier forgets the prefix: only the request's own state prevents re-saves
-    assert store.step_work([(7, toks, 64, [0, 10, 11, 12], [0, 1, 2, 3])]) is None
-    assert store.step_work([(7, toks, 80, [0, 10, 11, 12, 13], [0, 1, 2, 3, 4])]) == ((), ((0, (4,)),))
+    assert step(store, [(7, toks, 64, [0, 10, 11, 12], [0, 1, 2, 3])]) is None
+    assert step(store, [(7, toks, 80, [0, 10, 11, 12, 13], [0, 1, 2, 3, 4])]) == ((), ((0, (4,)),))
 
 
 def test_request_finished_releases_a_bound_load_not_started(stores):
     store = stores(**SLOW_GPU)
     toks = tokens(34, PROMPT)
     nodes = place(store, toks, 4)
-    assert store.lookup(7, toks, 0, PROMPT - 1) == (64, True)
-    store.bind(7, [10, 11, 12, 13], 64)
+    assert store.scheduler.lookup(7, toks, 0, PROMPT - 1) == (64, True)
+    store.scheduler.bind(7, [10, 11, 12, 13], 64)
     assert pins(nodes) == [1, 1, 1, 1]
-    store.request_finished(7)
+    store.scheduler.request_finished(7)
     assert pins(nodes) == [0, 0, 0, 0]
-    assert store.step_work([]) is None
-    store.request_finished(7)  # twice is harmless
+    assert step(store, []) is None
+    store.scheduler.request_finished(7)  # twice is harmless
     assert pins(nodes) == [0, 0, 0, 0]
 
 
@@ -604,18 +567,18 @@ def test_drain_forgets_transfers_and_unpins_pending_loads(stores):
     place(store, a, 4)
     nodes_b = place(store, b, 4, seed=1)
     _start_load(store, 1, a, 0, [10, 11, 12, 13])  # in flight
-    assert store.lookup(2, b, 32, PROMPT - 1) == (32, True)
-    store.bind(2, [20, 21], 32)  # bound, not started
-    assert store.step_work([_running(3, tokens(37, 112), 32)]) == ((2,), ((0, (0, 1)),))
+    assert store.scheduler.lookup(2, b, 32, PROMPT - 1) == (32, True)
+    store.scheduler.bind(2, [20, 21], 32)  # bound, not started
+    assert step(store, [_running(3, tokens(37, 112), 32)]) == ((2,), ((0, (0, 1)),))
     assert pins(nodes_b) == [0, 0, 1, 1]
-    store.lookup(4, b, 0, PROMPT - 1)
-    store.bind(4, [30, 31, 32, 33], 64)
+    store.scheduler.lookup(4, b, 0, PROMPT - 1)
+    store.scheduler.bind(4, [30, 31, 32, 33], 64)
     assert pins(nodes_b) == [1, 1, 2, 2]
-    store.drain()
+    store.scheduler.drain()
     assert pins(nodes_b) == [0, 0, 0, 0]  # request 4's pending load and request 2's never-started one released
     assert store.saves_in_flight() == 0
-    assert store.step_work([]) is None
-    assert store.finish({1, 2}, set(), {0}) == ((), frozenset())
+    assert step(store, []) is None
+    assert store.scheduler.finish({1, 2}, set(), {0}) == ((), frozenset())
 
 
 # ====================================================================== Cake's split
@@ -631,23 +594,23 @@ def _split_store(stores, toks, *, disk_gbps: float, disk_latency_ms: float = 0.0
 
 def test_plan_split_without_a_match(stores):
     store = stores(disk=True, **SLOW_GPU)
-    assert store.plan_split(tokens(40, 129).tolist()) is None
+    assert store.scheduler.plan_split(tokens(40, 129).tolist()) is None
 
 
 def test_plan_split_none_when_loading_wins(stores):
     toks = tokens(41, 129)
     store, nodes = _split_store(stores, toks, disk_gbps=25.0)  # a 16 KiB block loads in < 1 us
     assert store.cost.plan(["disk"] * 8, BS).choice == "load"
-    assert store.plan_split(toks.tolist()) is None
-    assert pins(nodes) == [0] * 8 and not store._recompute_hints and not store._prefetching
+    assert store.scheduler.plan_split(toks.tolist()) is None
+    assert pins(nodes) == [0] * 8 and not store.scheduler._recompute_hints and not store.scheduler._prefetching
 
 
 def test_plan_split_none_when_recompute_wins(stores):
     toks = tokens(42, 129)
     store, nodes = _split_store(stores, toks, disk_gbps=1.5, disk_latency_ms=1.0, prefill_tflops=400.0)
     assert store.cost.plan(["disk"] * 8, BS).choice == "recompute"
-    assert store.plan_split(toks.tolist()) is None
-    assert pins(nodes) == [0] * 8 and not store._recompute_hints
+    assert store.scheduler.plan_split(toks.tolist()) is None
+    assert pins(nodes) == [0] * 8 and not store.scheduler._recompute_hints
 
 
 def test_plan_split_front_recomputes_while_back_loads(stores):
@@ -655,16 +618,16 @@ def test_plan_split_front_recomputes_while_back_loads(stores):
     load all 320 ms; computing the front 4 blocks (~155 ms) while the back 4 load (160 ms) beats both."""
     toks = tokens(43, 8 * BS + 1)
     store, nodes = _split_store(stores, toks, disk_gbps=BLOCK_BYTES / 0.040 / 1e9)
-    assert store.plan_split(toks.tolist()) == (4 * BS, 8 * BS)
+    assert store.scheduler.plan_split(toks.tolist()) == (4 * BS, 8 * BS)
     store.wait_idle()
     # the back came up to DDR (the disk copies stay); the front stays on disk; the promotion's pins are gone
     assert [sorted(n.payload.copies) for n in nodes] == [[Tier.DISK]] * 4 + [[Tier.DDR, Tier.DISK]] * 4
-    assert pins(nodes) == [0] * 8 and not store._prefetching
+    assert pins(nodes) == [0] * 8 and not store.scheduler._prefetching
     # the front as its own request is recomputed (the hint), without consulting the cost model
-    assert store.lookup(1, toks[: 4 * BS], 0, 4 * BS - 1) == (0, False)
+    assert store.scheduler.lookup(1, toks[: 4 * BS], 0, 4 * BS - 1) == (0, False)
     assert store.stats.planned_recompute == 0
     # then the full prompt, its front now in LMDeploy's cache, loads the back from DDR
-    assert store.lookup(2, toks, 4 * BS, 8 * BS) == (4 * BS, True)
+    assert store.scheduler.lookup(2, toks, 4 * BS, 8 * BS) == (4 * BS, True)
     assert pins(nodes) == [0] * 4 + [1] * 4
     assert store.hierarchy.pools[Tier.DDR].live_bytes == 4 * BLOCK_BYTES
 
@@ -677,16 +640,16 @@ def test_plan_split_back_pending_makes_lookup_wait(stores):
     async def blocked(*args):
         await hold.wait()
 
-    store._promote = blocked  # the promotion is still running when LMDeploy asks
+    store.scheduler._promote = blocked  # the promotion is still running when LMDeploy asks
     try:
-        assert store.plan_split(toks.tolist()) == (4 * BS, 8 * BS)
-        assert store.lookup(2, toks, 4 * BS, 8 * BS) == (None, False)
+        assert store.scheduler.plan_split(toks.tolist()) == (4 * BS, 8 * BS)
+        assert store.scheduler.lookup(2, toks, 4 * BS, 8 * BS) == (None, False)
         assert pins(nodes) == [0] * 4 + [1] * 4  # held by plan_split for the promotion
         assert store.stats.lookups == 0
     finally:
         store.io.loop.call_soon_threadsafe(hold.set)
     store.wait_idle()
-    assert not store._prefetching
+    assert not store.scheduler._prefetching
     store.hierarchy.index.unpin(nodes[4:])  # the stand-in promotion does not release them
 
 
@@ -702,3 +665,24 @@ def test_a_store_that_fails_to_open_leaves_no_thread(stores):
     with pytest.raises(OSError):
         stores(disk=True)
     assert io_threads() == before
+
+
+def test_a_completed_save_is_published_and_found_by_the_next_lookup(stores):
+    """The worker's publication of a save (after its copy's event) indexes the blocks: the next lookup of the
+    prompt loads them. The copy itself needs CUDA; here the save's DDR slots are filled on the host."""
+    store = stores(**SLOW_GPU)
+    toks = tokens(45, PROMPT)
+    work = store.scheduler.step_work([_running(1, toks, 64)])
+    (order,) = work.saves
+    save = store.saves[order.save_id]
+    slots = store.service.reserve(len(order.block_ids), BLOCK_BYTES)
+    ddr = store.hierarchy.pool(Tier.DDR)
+    for i, slot in enumerate(slots):
+        ddr.view(slot).fill_(i + 1)
+    store.worker._publish(save, slots)
+    assert store.worker.poll() == ({}, {order.save_id})
+    assert store.stats.saved_blocks == 4
+    assert store.scheduler.lookup(2, toks, 0, PROMPT - 1) == (64, True)
+    lease = store.scheduler._lookups[2]
+    assert [int(ddr.view(n.payload.copies[Tier.DDR])[0]) for n in lease.nodes] == [1, 2, 3, 4]
+    store.scheduler.request_finished(2)
