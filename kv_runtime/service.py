@@ -25,6 +25,7 @@ Disk writes never delay a load a request waits for: they wait while loads are in
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 TIER_NAMES = {Tier.HBM: "hbm", Tier.DDR: "ddr", Tier.DISK: "disk"}
 # Disk -> DDR promotion per chunk: the engine's copy of one chunk overlaps the read of the next.
 LOAD_CHUNK_BYTES = 256 << 20
+MAX_READ_AHEAD = 8  # promotions in flight ahead of the piece being delivered (drive queue depth)
 # The prefill prior when none is configured and the engine cannot be timed at start (LMDeploy's): a GPU-class
 # figure. The transformers engine refines it online from its prefills; LMDeploy's connector does not see them.
 GPU_PREFILL_TFLOPS_PRIOR = 400.0
@@ -258,7 +260,13 @@ class TierService:
     async def load(self, lease: Lease, sink: Sink) -> LoadResult:
         """Deliver the lease's load range to ``sink`` in order, through DDR, in chunks that fit (see the module
         docstring). Returns how many blocks from the range's start were delivered; never raises for a miss or
-        an I/O error (those end the load; the engine recomputes the rest)."""
+        an I/O error (those end the load; the engine recomputes the rest).
+
+        The load is split once into pieces: each run of blocks already in DDR is one piece (one copy into the
+        engine, nothing to make room for), disk blocks go in chunks of at most a quarter of the DDR tier. The
+        promotions of up to ``depth`` pieces run ahead of the one being delivered, so the drive's queue stays
+        full; together they use at most half of the DDR tier. A promotion that finds no room is retried once
+        the pieces before it have been delivered and released, in halves if need be."""
         nodes = lease.load_blocks
         result = LoadResult()
         if not nodes:
@@ -266,56 +274,57 @@ class TierService:
         base = lease.plan.recompute_front
         block_bytes = nodes[0].payload.nbytes
         ddr = self.hierarchy.pool(Tier.DDR)
-        # At most a quarter of the DDR tier per chunk: the next chunk's read-ahead and other requests' blocks
-        # still fit beside the chunk the engine is copying.
         per = max(1, min(self.load_chunk_bytes, ddr.capacity_bytes // 4) // block_bytes)
+        depth = max(1, min(MAX_READ_AHEAD, ddr.capacity_bytes // 2 // (per * block_bytes)))
+        pieces = self._pieces(nodes, per)
         self._loads_running += 1
         self._loads_idle.clear()
         start = time.perf_counter()
         came_up: set[int] = set()  # blocks this load promoted from disk
+        ahead: collections.deque[asyncio.Future] = collections.deque()
         try:
-            async with self.loads.hold(len(nodes) * block_bytes):
-                pos = 0
-                ahead: asyncio.Task | None = None
-                while pos < len(nodes):
-                    chunk = self._chunk(nodes, pos, per)
-                    was_ahead = ahead is not None
-                    up = ahead if ahead is not None else asyncio.ensure_future(self._promote(chunk))
-                    ahead = None
-                    promoted, misses, no_room = await up
-                    result.misses += misses
-                    came_up |= promoted
-                    good = 0
-                    for node in chunk:
-                        if Tier.DDR not in node.payload.copies:
-                            break
+            issued = 0
+            for k, (lo, hi) in enumerate(pieces):
+                issued = max(issued, k)
+                while issued < len(pieces) and len(ahead) < depth:
+                    a, b = pieces[issued]
+                    ahead.append(asyncio.ensure_future(self._promote(nodes[a:b])))
+                    issued += 1
+                promoted, misses, no_room = await ahead.popleft() if ahead else await self._promote(nodes[lo:hi])
+                result.misses += misses
+                came_up |= promoted
+                pos, freed_ahead = lo, False
+                while True:  # deliver the piece; blocks still on disk only are promoted again
+                    good = pos
+                    while good < hi and Tier.DDR in nodes[good].payload.copies:
                         good += 1
-                    if good == 0:
-                        if no_room and was_ahead:
-                            continue  # read ahead while the previous chunk still held its room: try again now
-                        if no_room and per > 1:
-                            per = max(1, per // 2)  # DDR is tighter than planned: smaller chunks, same order
-                            continue
-                        break
-                    nxt = self._chunk(nodes, pos + good, per)
-                    if good == len(chunk) and any(Tier.DDR not in n.payload.copies for n in nxt):
-                        ahead = asyncio.ensure_future(self._promote(nxt))
-                    try:
-                        await sink(pos, [n.payload for n in chunk[:good]])
-                    except BaseException:
-                        if ahead is not None:
-                            ahead.cancel()
-                            await asyncio.gather(ahead, return_exceptions=True)
-                        raise
-                    # The engine holds these blocks now: their pins go, so their DDR copies may make room.
-                    self.release(lease, range(base + pos, base + pos + good))
-                    result.from_disk += sum(id(n.payload) in came_up for n in chunk[:good])
-                    pos += good
-                    result.blocks = pos
-                    if good < len(chunk) and not no_room:
-                        break  # a miss (corrupt, truncated, I/O error): the engine recomputes from here
-                if ahead is not None:
-                    await asyncio.gather(ahead, return_exceptions=True)
+                    if good > pos:
+                        await sink(pos, [n.payload for n in nodes[pos:good]])
+                        # The engine holds these blocks now: their pins go, so their DDR copies may make room.
+                        self.release(lease, range(base + pos, base + good))
+                        result.from_disk += sum(id(n.payload) in came_up for n in nodes[pos:good])
+                        result.blocks = pos = good
+                    if pos == hi or Tier.DISK not in nodes[pos].payload.copies:
+                        break  # done, or a miss (corrupt, truncated, I/O error) discarded the block
+                    size = hi - pos
+                    while True:  # earlier pieces have made room by now; halve until something fits
+                        promoted, misses, no_room = await self._promote(nodes[pos : pos + size])
+                        result.misses += misses
+                        came_up |= promoted
+                        if not no_room or size == 1:
+                            break
+                        size = max(1, size // 2)
+                    if no_room and not freed_ahead:
+                        # Our own read-ahead holds the room: give it up (those blocks come up again later).
+                        freed_ahead = True
+                        issued = k + 1
+                        await self._cancel(ahead)
+                        self.release(lease, range(base + hi, base + len(nodes)))
+                        continue
+                    if no_room or not promoted:
+                        break  # not one block fits, or nothing came up: the engine recomputes the rest
+                if result.blocks < hi:
+                    break
         except Exception:
             log.warning(
                 "kvtier: loading %d blocks failed after %d; the engine recomputes the rest",
@@ -324,6 +333,7 @@ class TierService:
                 exc_info=True,
             )
         finally:
+            await self._cancel(ahead)
             self._loads_running -= 1
             if not self._loads_running:
                 self._loads_idle.set()
@@ -335,13 +345,31 @@ class TierService:
         return result
 
     @staticmethod
-    def _chunk(nodes: Sequence[BlockNode], pos: int, per: int) -> Sequence[BlockNode]:
-        """The next piece of a load: the whole run of blocks already in DDR (nothing to make room for, one copy
-        into the engine), or up to ``per`` blocks of which some must first come up from disk."""
-        end = pos
-        while end < len(nodes) and Tier.DDR in nodes[end].payload.copies:
-            end += 1
-        return nodes[pos:end] if end > pos else nodes[pos : pos + per]
+    async def _cancel(futures: collections.deque[asyncio.Future]) -> None:
+        """Cancel promotions still running ahead and wait until each has returned what it held."""
+        pending = list(futures)
+        futures.clear()
+        for fut in pending:
+            fut.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @staticmethod
+    def _pieces(nodes: Sequence[BlockNode], per: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` pieces of a load: each run of blocks already in DDR whole, the rest in chunks of ``per``."""
+        out: list[tuple[int, int]] = []
+        pos, n = 0, len(nodes)
+        while pos < n:
+            end = pos
+            if Tier.DDR in nodes[pos].payload.copies:
+                while end < n and Tier.DDR in nodes[end].payload.copies:
+                    end += 1
+            else:
+                while end < n and end - pos < per and Tier.DDR not in nodes[end].payload.copies:
+                    end += 1
+            out.append((pos, end))
+            pos = end
+        return out
 
     async def _promote(self, chunk: Sequence[BlockNode]) -> tuple[set[int], int, bool]:
         """The chunk's disk-only blocks up to DDR, verified; ``(ids of those promoted, misses, ran out of room)``."""

@@ -191,3 +191,24 @@ async def test_the_configuration_sizes_the_tiers(tmp_path):
         await svc.close()
     with pytest.raises(ValueError, match="ddr_bytes"):
         await open_service(tmp_path, ddr_blocks=0)
+
+
+async def test_a_load_with_little_room_left_retries_until_every_block_came_through(tmp_path):
+    """Another request pins most of DDR: read-ahead finds no room, and the load retries (in halves) once the
+    pieces before have been delivered, still reusing every block."""
+    svc = await open_service(tmp_path, ddr_blocks=8)
+    try:
+        busy = KEYER.request(tokens(7, 6 * BLOCK_TOKENS))
+        held = svc.hierarchy.put(busy, 0, torch.zeros((6, BB), dtype=torch.uint8))
+        svc.hierarchy.index.pin(held)  # 6 of 8 DDR blocks are another request's
+        rk, nodes, data = await on_disk_only(svc, 8, 7)
+        lease = svc.lookup(rk)
+        sink = Sink(svc, 7)
+        result = await svc.load(lease, sink)
+        assert (result.blocks, result.from_disk, result.misses) == (7, 7, 0)
+        assert torch.equal(sink.out, data)
+        assert all(Tier.DDR in n.payload.copies for n in held), "a pinned block lost its DDR copy"
+        svc.hierarchy.index.unpin(held)
+        svc.release(lease)
+    finally:
+        await svc.close()
