@@ -82,20 +82,54 @@ async def test_ttl_expiry(make_engine, monkeypatch):
 
 
 async def test_pinned_context_survives_ddr_pressure(make_engine):
+    """A pinned context is the least recently used entry in a full DDR tier, yet under pressure from other
+    prompts the unpinned blocks go and the context's stay: the same blocks in the same slots, all of them
+    reused by its next request."""
     doc = prompt(BLOCK * 4, seed=7)
-    # 12 blocks of DDR and no disk: four are the context's, the others churn through the remaining eight
+    others = [prompt(BLOCK * 6 + 1, seed=100 + i) for i in range(4)]
+    # 12 blocks of DDR and no disk: four are the context's; each other prompt brings six new blocks, so from
+    # the second one on, room is made only by evicting
     async with make_engine(ddr_bytes=12 * BLOCK_BYTES, disk_bytes=0) as engine:
+        ddr = engine.hierarchy.pool(Tier.DDR)
+        assert ddr.capacity_bytes == 12 * BLOCK_BYTES
         await engine.save_shared_context("pinned", doc)
-        for seed in range(4):
-            await _run(engine, prompt(BLOCK * 6 + 1, seed=100 + seed), max_new_tokens=1)
-        ddr = engine.hierarchy.pool(Tier.DDR).stats()
-        assert ddr.live_blocks <= 12
+
+        # matched once, now: a match is a use, and the context must stay the least recently used entry
+        nodes = engine.hierarchy.match(engine.keyer.request(doc))
+        slots = [n.payload.copies[Tier.DDR] for n in nodes]
+        assert len(nodes) == 4
+
+        def context_resident() -> bool:
+            """The context's blocks are still indexed, each in the DDR slot it was written to."""
+            live = {id(slot) for slot in ddr.live_slots()}
+            return all(
+                not n.payload.dropped and n.payload.copies.get(Tier.DDR) is slot and id(slot) in live
+                for n, slot in zip(nodes, slots, strict=True)
+            )
+
+        for i, other in enumerate(others):
+            live_before = ddr.stats().live_blocks
+            m = (await _run(engine, other, max_new_tokens=1))[-1].metrics
+            assert m.reused_tokens == {}
+            if i:
+                assert live_before + 6 > 12  # this prompt's blocks fit only by evicting others
+            # the context keeps its blocks, in the same slots: the unpinned blocks went instead
+            assert context_resident()
+            assert engine.hierarchy.index.stats().pinned_blocks == 4
+            assert len(engine.hierarchy.match(engine.keyer.request(other))) == 6  # (already the newest)
+
         assert engine.shared_context_info("pinned")["blocks_by_tier"] == {"ddr": 4}
-        outs = await _run(engine, prompt(5, seed=8), shared_context_id="pinned", max_new_tokens=1)
-        assert outs[-1].metrics.reused_tokens == {"ddr": 4 * BLOCK}
-        # an unpinned request's blocks were evicted meanwhile: the earliest prompt is recomputed
-        outs = await _run(engine, prompt(BLOCK * 6 + 1, seed=100), max_new_tokens=1)
+        assert engine.shared_context_info("pinned")["cached_blocks"] == 4
+        question = prompt(5, seed=8)
+        outs = await _run(engine, question, shared_context_id="pinned", max_new_tokens=1)
+        m = outs[-1].metrics
+        assert m.reused_tokens == {"ddr": 4 * BLOCK} and m.computed_tokens == len(question)
+        assert [o.token_id for o in outs] == _greedy(engine.model, doc + question, 1)
+        # the newest unpinned prompt survived; the earliest was evicted meanwhile and is recomputed
+        assert (await _run(engine, others[-1], max_new_tokens=1))[-1].metrics.reused_tokens == {"ddr": 6 * BLOCK}
+        outs = await _run(engine, others[0], max_new_tokens=1)
         assert outs[-1].metrics.reused_tokens == {}
+        assert context_resident()
 
 
 async def test_context_survives_restart_from_disk(make_engine):
