@@ -338,11 +338,22 @@ class TierService:
             if not self._loads_running:
                 self._loads_idle.set()
         result.seconds = time.perf_counter() - start
-        result.nbytes = result.blocks * block_bytes
+        self.loaded(lease, result)
+        return result
+
+    def in_ddr(self, lease: Lease) -> bool:
+        """Every block the lease loads is in DDR already: an engine may copy them in one go, on its own thread,
+        and report the load with :meth:`loaded` once its copy has completed (no promotion, no chunking)."""
+        return all(Tier.DDR in n.payload.copies for n in lease.load_blocks)
+
+    def loaded(self, lease: Lease, result: LoadResult) -> None:
+        """After a load (``result.blocks`` delivered): learn the link's speed, consider write-down per policy."""
+        nodes = lease.load_blocks
+        if nodes:
+            result.nbytes = result.blocks * nodes[0].payload.nbytes
         if result.blocks:
             self.cost.observe_transfer("disk" if result.from_disk else "ddr", result.nbytes, result.seconds)
             self.after_use([n.payload for n in nodes[: result.blocks]])
-        return result
 
     @staticmethod
     async def _cancel(futures: collections.deque[asyncio.Future]) -> None:

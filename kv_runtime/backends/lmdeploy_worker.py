@@ -2,10 +2,12 @@
 
 - ``register``: the engine's cache rows (one uint8 row ``[num_blocks, layer_block_bytes]`` per layer) become an
   ``HBMPool`` of engine-owned cells; nothing is allocated in HBM by kvtier.
-- ``start_loads``: each :class:`LoadOrder` runs ``TierService.load`` on kvtier's loop: disk-only blocks come up
-  to DDR in chunks (each verified), and each chunk is copied DDR -> the engine's cells on kvtier's copy streams
-  after an event recorded on the compute stream; the load is reported only after its last copy's event has
-  completed, so LMDeploy publishes the prefix only once its bytes are there.
+- ``start_loads``: a load whose blocks are all in DDR is queued DDR -> the engine's cells right there, on
+  LMDeploy's thread, on kvtier's copy streams after an event recorded on the compute stream, and ``poll``
+  reports it once that copy's event has completed (the hot path: no thread hop). Any other load runs
+  ``TierService.load`` on kvtier's loop: disk-only blocks come up to DDR in chunks (each verified), each copied
+  the same way. Either way a load is reported only after its last copy's event has completed, so LMDeploy
+  publishes the prefix only once its bytes are there.
 - ``start_saves``: each :class:`SaveOrder` reserves DDR slots and queues cells -> DDR behind an event recorded
   on the compute stream after the forward that wrote the blocks (never racing the forward); ``poll`` publishes
   it in the index (``TierService.publish``, which writes down per the migration policy) once its event has
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -22,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kv_io.cuda import wait_event
 from kv_runtime.backends.lmdeploy_backend import Load, LoadOrder, Save, SaveOrder
 from kv_runtime.hierarchy import Residency
 from kv_runtime.pool import HBMPool, Slot, Tier
@@ -46,6 +48,7 @@ class LMDeployWorkerSide:
         self._done_loads: dict[int, tuple[int, ...]] = {}
         self._done_saves: set[int] = set()
         self._loading: set[Future] = set()
+        self._copying: list[tuple[torch.cuda.Event, Load, float]] = []  # DDR loads queued on LMDeploy's thread
         self._saving: list[tuple[torch.cuda.Event, Save, list[Slot]]] = []
 
     def register(self, rows: Sequence[torch.Tensor], num_blocks: int) -> None:
@@ -80,6 +83,17 @@ class LMDeployWorkerSide:
             if load is None:
                 continue
             load.started = True
+            if self.hbm is not None and self.service.in_ddr(load.lease):
+                try:
+                    blocks = [n.payload for n in load.lease.load_blocks]
+                    event = self._copy_in(self.hbm.engine_cells(load.block_ids), blocks, ready)
+                except Exception:
+                    log.warning("kvtier load for request %d failed to start", load.request_id, exc_info=True)
+                    self._report(load, LoadResult(), time.perf_counter())
+                    continue
+                with self._lock:
+                    self._copying.append((event, load, time.perf_counter()))
+                continue
             future = self.store.io.submit(self._load(load, ready))
             with self._lock:
                 self._loading.add(future)
@@ -89,11 +103,11 @@ class LMDeployWorkerSide:
         """One load, reported whatever happens: the blocks it did not deliver are invalid (LMDeploy recomputes)."""
 
         async def sink(offset: int, blocks: Sequence[Residency]) -> None:
-            event = self.service.migrator.copy_engine_cells(
-                False, cells[offset : offset + len(blocks)], [r.copies[Tier.DDR] for r in blocks], after=ready
-            )
+            event = self._copy_in(cells[offset : offset + len(blocks)], blocks, ready)
             try:
-                await wait_event(event)
+                # NOTE: blocking in CUDA on a pool thread releases the GIL until the copy ends; polling the event
+                # from this loop would need the GIL at every poll, and LMDeploy's busy threads make each wait long.
+                await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
             except BaseException:
                 event.synchronize()  # the DDR slots must outlive the DMA that reads them, cancelled or not
                 raise
@@ -108,19 +122,27 @@ class LMDeployWorkerSide:
         except Exception:
             log.warning("kvtier load for request %d failed to start", load.request_id, exc_info=True)
         finally:
-            self.service.release(load.lease)
-            stats = self.store.stats
-            ok = result.blocks
-            stats.load_misses += result.misses
-            if ok:
-                stats.loaded_blocks["disk"] += result.from_disk
-                stats.loaded_blocks["ddr"] += ok - result.from_disk
-                stats.load_seconds.append(time.perf_counter() - start)
-            if ok < len(load.block_ids):
-                stats.failed_loads += 1
-                log.warning("kvtier loaded %d of %d blocks for request %d", ok, len(load.block_ids), load.request_id)
-            with self._lock:
-                self._done_loads[load.request_id] = load.block_ids[ok:]
+            self._report(load, result, start)
+
+    def _copy_in(self, cells: Sequence[Slot], blocks: Sequence[Residency], ready: torch.cuda.Event) -> torch.cuda.Event:
+        ddr = [r.copies[Tier.DDR] for r in blocks]
+        return self.service.migrator.copy_engine_cells(False, cells, ddr, after=ready)
+
+    def _report(self, load: Load, result: LoadResult, start: float) -> None:
+        """A load has ended (its copies have completed): return its lease and report what it delivered."""
+        self.service.release(load.lease)
+        stats = self.store.stats
+        ok = result.blocks
+        stats.load_misses += result.misses
+        if ok:
+            stats.loaded_blocks["disk"] += result.from_disk
+            stats.loaded_blocks["ddr"] += ok - result.from_disk
+            stats.load_seconds.append(time.perf_counter() - start)
+        if ok < len(load.block_ids):
+            stats.failed_loads += 1
+            log.warning("kvtier loaded %d of %d blocks for request %d", ok, len(load.block_ids), load.request_id)
+        with self._lock:
+            self._done_loads[load.request_id] = load.block_ids[ok:]
 
     def _load_ended(self, future: Future) -> None:
         with self._lock:
@@ -180,10 +202,17 @@ class LMDeployWorkerSide:
         return loads, saves
 
     def _reap(self) -> None:
-        """Publish the saves whose events have completed (each exactly once, whichever thread gets it)."""
+        """Finish the DDR loads and publish the saves whose events have completed (each exactly once, whichever
+        thread gets it)."""
         with self._lock:
+            copied = [c for c in self._copying if c[0].query()]
+            self._copying = [c for c in self._copying if c not in copied]
             done = [c for c in self._saving if c[0].query()]
             self._saving = [c for c in self._saving if c not in done]
+        for _, load, start in copied:
+            result = LoadResult(blocks=len(load.block_ids), seconds=time.perf_counter() - start)
+            self.service.loaded(load.lease, result)
+            self._report(load, result, start)
         for _, save, slots in done:
             self._publish(save, slots)
 
@@ -196,7 +225,7 @@ class LMDeployWorkerSide:
         while True:
             with self._lock:
                 loading = list(self._loading)
-                copies = [c[0] for c in self._saving]
+                copies = [c[0] for c in self._saving] + [c[0] for c in self._copying]
             for event in copies:
                 event.synchronize()
             self._reap()
@@ -204,7 +233,7 @@ class LMDeployWorkerSide:
                 f.result(timeout=max(0.0, deadline - time.monotonic()))
             self.store.io.submit(self.service.drain()).result(timeout=max(0.0, deadline - time.monotonic()))
             with self._lock:
-                idle = not self._loading and not self._saving
+                idle = not self._loading and not self._saving and not self._copying
             if idle and not self.service.busy() and not self.store.scheduler.prefetching():
                 return
             if time.monotonic() > deadline:

@@ -201,7 +201,7 @@ async def test_a_load_with_little_room_left_retries_until_every_block_came_throu
         busy = KEYER.request(tokens(7, 6 * BLOCK_TOKENS))
         held = svc.hierarchy.put(busy, 0, torch.zeros((6, BB), dtype=torch.uint8))
         svc.hierarchy.index.pin(held)  # 6 of 8 DDR blocks are another request's
-        rk, nodes, data = await on_disk_only(svc, 8, 7)
+        rk, _, data = await on_disk_only(svc, 8, 7)
         lease = svc.lookup(rk)
         sink = Sink(svc, 7)
         result = await svc.load(lease, sink)
