@@ -22,7 +22,7 @@ tier and tenant, so that quota pressure on one tenant finds that tenant's victim
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot
@@ -114,9 +114,10 @@ class BlockManager:
             elif res in self._candidates[tier]:
                 self._uncandidate(res, tier)
 
-    def forget(self, res: Residency) -> None:
-        """``res`` left the index: it is nowhere resident and no candidate."""
-        for tier in self.pools:
+    def forget(self, res: Residency, tiers: Iterable[Tier] | None = None) -> None:
+        """``res`` left the index: it is nowhere resident and no candidate (``tiers``: where it had copies,
+        if known; every tier otherwise)."""
+        for tier in self.pools if tiers is None else tiers:
             self._resident[tier].pop(res, None)
             self._movable[tier].pop(res, None)
             self._uncandidate(res, tier)

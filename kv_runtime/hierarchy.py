@@ -318,12 +318,11 @@ class HierarchyManager:
             return
         with self._lock:
             payload.dropped = True
-            copies = list(payload.copies.items())
-            payload.copies.clear()
-            self.blocks.forget(payload)
+            copies, payload.copies = payload.copies, {}
+            self.blocks.forget(payload, copies)
         if payload.node is not None:
             self.events.emit(EventKind.DROPPED, payload.key, None, payload.nbytes, payload.tenant)
-        for _tier, slot in copies:
+        for slot in copies.values():
             self.free_slot(slot, payload.tenant)
 
     # ------------------------------------------------------------------ inspection

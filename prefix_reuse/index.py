@@ -302,7 +302,7 @@ class PrefixReuseIndex:
         with self._lock.write():
             self._require_attached(node)
             subtree = self._subtree(node)
-            if any(n.pin_count for n in subtree):
+            if node.pin_count or (len(subtree) > 1 and any(n.pin_count for n in subtree)):
                 raise PinnedError("cannot remove a subtree that holds pinned blocks")
             for n in reversed(subtree):  # leaves first, so every detach is of a leaf
                 self._detach(n)
@@ -442,6 +442,8 @@ class PrefixReuseIndex:
 
     def _subtree(self, root: BlockNode) -> list[BlockNode]:
         """Pre-order list of ``root``'s subtree (parents before children)."""
+        if root.first_child is None:  # a leaf: what eviction removes, one at a time
+            return [root]
         out, stack = [], [root]
         while stack:
             node = stack.pop()
