@@ -11,6 +11,10 @@ from typing import Any
 
 _EXPORTS = {
     "kv_runtime.backend_protocol": ["KVBackendProtocol"],
+    "kv_runtime.block_manager": ["BlockManager"],
+    "kv_runtime.budget": ["ByteBudget"],
+    "kv_runtime.config": ["ConfigError", "KVTierConfig"],
+    "kv_runtime.service": ["Lease", "LoadResult", "TierService"],
     "kv_runtime.events": ["EventKind", "EventLog", "ResidencyEvent"],
     "kv_runtime.extents": ["ExtentAllocator"],
     "kv_runtime.hierarchy": ["HierarchyManager", "Residency"],

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from kv_io.cuda import CopyStream, wait_event
 from kv_pipeline.flow import FairTurn
+from kv_runtime.backend_protocol import completed
 from kv_runtime.backends.hf_backend import HFModel
 from kv_runtime.hierarchy import Residency
-from kv_runtime.pool import DDRPool, Slot, Tier
+from kv_runtime.pool import Slot, Tier
 from kv_runtime.service import Lease, LoadResult, TierService
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,9 @@ class Scheduler:
         self.turn = FairTurn()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-compute")
         self._on_done = on_request_done
-        # On GPU, loads into the engine and write-back out of it run on their own streams, ordered by events.
         self._cuda = model.device.type == "cuda"
-        self._load_stream = CopyStream(model.device) if self._cuda else None
-        self._save_stream = CopyStream(model.device) if self._cuda else None
+        # Loads into the engine and write-back out of it run on the model's copy streams, ordered by events.
+        model.attach(service.hierarchy.pool(Tier.DDR))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -212,7 +211,8 @@ class Scheduler:
         out = torch.empty((planned, self.model.layout.block_bytes), dtype=torch.uint8, device=self.model.device)
 
         async def sink(offset: int, blocks: Sequence[Residency]) -> None:
-            await self._from_ddr(blocks, out[offset : offset + len(blocks)])
+            slots = [r.copies[Tier.DDR] for r in blocks]
+            await completed(self.model.copy_in(slots, out[offset : offset + len(blocks)]))
 
         result: LoadResult = await self.service.load(lease, sink)
         m.load_ms = result.seconds * 1e3
@@ -227,21 +227,6 @@ class Scheduler:
             log.warning("loaded %d of %d planned blocks; recomputing the rest", result.blocks, planned)
         return out[: result.blocks]
 
-    async def _from_ddr(self, residencies: Sequence[Residency], out: torch.Tensor) -> None:
-        """Blocks' DDR copies into ``out``: on GPU straight from the pinned slots into device memory on the load
-        stream (the host waits on its event, the device never stalls); on CPU a copy."""
-        pool = self.service.hierarchy.pool(Tier.DDR)
-        assert isinstance(pool, DDRPool)
-        if self._load_stream is None:
-            for i, r in enumerate(residencies):
-                out[i].copy_(pool.view(r.copies[Tier.DDR]))
-            return
-        with self._load_stream.use():
-            for i, r in enumerate(residencies):
-                out[i].copy_(pool.view(r.copies[Tier.DDR]), non_blocking=True)
-            done = self._load_stream.record()
-        await wait_event(done)
-
     # ------------------------------------------------------------------ write-back
 
     async def _write_back(self, rk: Any, cache: Any, tenant: str, computed: Any = None) -> None:
@@ -250,32 +235,7 @@ class Scheduler:
         count = rk.num_blocks - first
 
         async def copy_out(slots: Sequence[Slot]) -> None:
-            await self._to_ddr(cache, first, slots, computed)
+            # On a CPU the copy itself runs here: off the event loop.
+            await completed(await asyncio.to_thread(self.model.copy_out, (cache, first), slots, after=computed))
 
         await self.service.save(rk, first, count, self.model.layout.block_bytes, copy_out, tenant)
-
-    async def _to_ddr(self, cache: Any, first: int, slots: Sequence[Slot], computed: Any) -> None:
-        """On GPU the blocks are gathered on the save stream after ``computed`` (an event recorded on the compute
-        stream after the prefill that wrote them), then copied into the pinned slots on the same stream; the
-        copy is complete when this returns."""
-        pool = self.service.hierarchy.pool(Tier.DDR)
-        assert isinstance(pool, DDRPool)
-        if self._save_stream is None:
-            blocks = await asyncio.to_thread(self.model.blocks_from_cache, cache, first, len(slots))
-            for slot, row in zip(slots, blocks, strict=True):
-                pool.view(slot).copy_(row)
-            return
-        stream = self._save_stream.stream
-        with self._save_stream.use():
-            self._save_stream.wait(computed)
-            # NOTE: decoding replaces the cache's tensors (it concatenates); marking the ones read here as used
-            # by this stream keeps the allocator from recycling them before the gather has run.
-            for layer in cache.layers:
-                layer.keys.record_stream(stream)
-                layer.values.record_stream(stream)
-            blocks = self.model.blocks_from_cache(cache, first, len(slots))
-            for slot, row in zip(slots, blocks, strict=True):
-                pool.view(slot).copy_(row, non_blocking=True)
-            blocks.record_stream(stream)
-            done = self._save_stream.record()
-        await wait_event(done)

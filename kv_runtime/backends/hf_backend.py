@@ -4,16 +4,23 @@ Cached blocks are restored into the model's own cache object (``DynamicCache``) 
 is prefilled. A block's bytes are the concatenation, layer by layer, of its keys and then its values, each
 ``[kv_heads, block_size, head_dim]`` in the cache dtype: the same bytes whichever tier holds them, so a block
 saved from one request restores into any other with the same namespace.
+
+``HFModel`` is the embedded engine's backend (``kv_runtime.backend_protocol``): ``copy_in`` fills a buffer on the
+model's device from DDR slots, ``copy_out`` copies blocks of a cache into DDR slots; on a GPU each runs on a
+copy stream of its own and returns the event that completes with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from kv_io.cuda import CopyStream
 from kv_runtime.layout import KVLayout
+from kv_runtime.pool import DDRPool, Slot
 
 
 class HFModel:
@@ -35,6 +42,56 @@ class HFModel:
             self.layout.layer_block_bytes
         ):
             raise ValueError("the transformers backend keeps unquantised K and V only")
+
+    # ------------------------------------------------------------------ the backend protocol
+
+    def attach(self, ddr: DDRPool) -> None:
+        """The DDR tier that ``copy_in`` reads and ``copy_out`` writes (pinned memory where CUDA is used)."""
+        self._ddr = ddr
+        cuda = self.device.type == "cuda"
+        self._load_stream = CopyStream(self.device) if cuda else None
+        self._save_stream = CopyStream(self.device) if cuda else None
+
+    def copy_in(self, ddr_slots: Sequence[Slot], dest: torch.Tensor, *, after: Any = None) -> torch.cuda.Event | None:
+        """DDR slots into ``dest`` (``[n, block_bytes]`` uint8 on the model's device): on GPU straight from the
+        pinned slots on the load stream (the device never stalls), on CPU a copy done on return."""
+        if self._load_stream is None:
+            for i, slot in enumerate(ddr_slots):
+                dest[i].copy_(self._ddr.view(slot))
+            return None
+        with self._load_stream.use():
+            self._load_stream.wait(after)
+            for i, slot in enumerate(ddr_slots):
+                dest[i].copy_(self._ddr.view(slot), non_blocking=True)
+            return self._load_stream.record()
+
+    def copy_out(
+        self, src: tuple[Any, int], ddr_slots: Sequence[Slot], *, after: Any = None
+    ) -> torch.cuda.Event | None:
+        """Blocks ``[first, first + len(ddr_slots))`` of ``src = (cache, first)`` into the slots. On GPU they are
+        gathered on the save stream after ``after`` (recorded on the compute stream behind the prefill that wrote
+        them), then copied into the pinned slots on the same stream; on CPU the copy is done on return."""
+        cache, first = src
+        if self._save_stream is None:
+            blocks = self.blocks_from_cache(cache, first, len(ddr_slots))
+            for slot, row in zip(ddr_slots, blocks, strict=True):
+                self._ddr.view(slot).copy_(row)
+            return None
+        stream = self._save_stream.stream
+        with self._save_stream.use():
+            self._save_stream.wait(after)
+            # NOTE: decoding replaces the cache's tensors (it concatenates); marking the ones read here as used
+            # by this stream keeps the allocator from recycling them before the gather has run.
+            for layer in cache.layers:
+                layer.keys.record_stream(stream)
+                layer.values.record_stream(stream)
+            blocks = self.blocks_from_cache(cache, first, len(ddr_slots))
+            for slot, row in zip(ddr_slots, blocks, strict=True):
+                self._ddr.view(slot).copy_(row, non_blocking=True)
+            blocks.record_stream(stream)
+            return self._save_stream.record()
+
+    # ------------------------------------------------------------------ the model
 
     def new_cache(self):
         from transformers import DynamicCache

@@ -16,15 +16,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kv_runtime.backend_protocol import completed
 from kv_runtime.backends.lmdeploy_backend import Load, LoadOrder, Save, SaveOrder
 from kv_runtime.hierarchy import Residency
 from kv_runtime.pool import HBMPool, Slot, Tier
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class LMDeployWorkerSide:
-    """Copies between kvtier's DDR tier and LMDeploy's cells; completions since the last poll."""
+    """Copies between kvtier's DDR tier and LMDeploy's cells (LMDeploy's backend, ``KVBackendProtocol``);
+    completions since the last poll."""
 
     def __init__(self, store: LMDeployStore) -> None:
         self.store = store
@@ -85,8 +86,8 @@ class LMDeployWorkerSide:
             load.started = True
             if self.hbm is not None and self.service.in_ddr(load.lease):
                 try:
-                    blocks = [n.payload for n in load.lease.load_blocks]
-                    event = self._copy_in(self.hbm.engine_cells(load.block_ids), blocks, ready)
+                    slots = [n.payload.copies[Tier.DDR] for n in load.lease.load_blocks]
+                    event = self.copy_in(slots, load.block_ids, after=ready)
                 except Exception:
                     log.warning("kvtier load for request %d failed to start", load.request_id, exc_info=True)
                     self._report(load, LoadResult(), time.perf_counter())
@@ -103,30 +104,32 @@ class LMDeployWorkerSide:
         """One load, reported whatever happens: the blocks it did not deliver are invalid (LMDeploy recomputes)."""
 
         async def sink(offset: int, blocks: Sequence[Residency]) -> None:
-            event = self._copy_in(cells[offset : offset + len(blocks)], blocks, ready)
-            try:
-                # NOTE: blocking in CUDA on a pool thread releases the GIL until the copy ends; polling the event
-                # from this loop would need the GIL at every poll, and LMDeploy's busy threads make each wait long.
-                await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
-            except BaseException:
-                event.synchronize()  # the DDR slots must outlive the DMA that reads them, cancelled or not
-                raise
+            slots = [r.copies[Tier.DDR] for r in blocks]
+            await completed(self.copy_in(slots, load.block_ids[offset : offset + len(blocks)], after=ready))
 
         start = time.perf_counter()
         result = LoadResult()
         try:
-            if self.hbm is None:
-                raise RuntimeError("the engine registered no KV cache rows")
-            cells = self.hbm.engine_cells(load.block_ids)
             result = await self.service.load(load.lease, sink)
         except Exception:
             log.warning("kvtier load for request %d failed to start", load.request_id, exc_info=True)
         finally:
             self._report(load, result, start)
 
-    def _copy_in(self, cells: Sequence[Slot], blocks: Sequence[Residency], ready: torch.cuda.Event) -> torch.cuda.Event:
-        ddr = [r.copies[Tier.DDR] for r in blocks]
-        return self.service.migrator.copy_engine_cells(False, cells, ddr, after=ready)
+    # ------------------------------------------------------------------ the backend protocol
+
+    def copy_in(self, ddr_slots: Sequence[Slot], dest: Sequence[int], *, after: Any = None) -> torch.cuda.Event:
+        """DDR slots into the engine's cache blocks ``dest`` on kvtier's copy streams, after ``after``."""
+        return self.service.migrator.copy_engine_cells(False, self._cells(dest), ddr_slots, after=after)
+
+    def copy_out(self, src: Sequence[int], ddr_slots: Sequence[Slot], *, after: Any = None) -> torch.cuda.Event:
+        """The engine's cache blocks ``src`` into DDR slots on kvtier's copy streams, after ``after``."""
+        return self.service.migrator.copy_engine_cells(True, self._cells(src), ddr_slots, after=after)
+
+    def _cells(self, block_ids: Sequence[int]) -> list[Slot]:
+        if self.hbm is None:
+            raise RuntimeError("the engine registered no KV cache rows")
+        return self.hbm.engine_cells(block_ids)
 
     def _report(self, load: Load, result: LoadResult, start: float) -> None:
         """A load has ended (its copies have completed): return its lease and report what it delivered."""
@@ -155,7 +158,6 @@ class LMDeployWorkerSide:
     def start_saves(self, orders: Sequence[SaveOrder], ready: torch.cuda.Event) -> None:
         """Queue the engine cells -> DDR copies of these saves behind ``ready`` (recorded on the compute stream
         after the forward that wrote them); :meth:`poll` publishes them once their events have completed."""
-        assert self.hbm is not None
         for order in orders:
             with self._lock:
                 save = self.store.saves.get(order.save_id)
@@ -167,9 +169,7 @@ class LMDeployWorkerSide:
                     self._done_saves.add(save.save_id)
                 continue
             try:
-                event = self.service.migrator.copy_engine_cells(
-                    True, self.hbm.engine_cells(save.block_ids), slots, after=ready
-                )
+                event = self.copy_out(save.block_ids, slots, after=ready)
             except Exception:
                 log.warning("kvtier save %d failed to start", save.save_id, exc_info=True)
                 self.service.abort(slots)
