@@ -279,16 +279,14 @@ class HierarchyManager:
                 slot = res.copies[tier]
                 node = res.node
                 assert node is not None  # candidates are indexed blocks
+                if node.pin_count or res.in_flight:  # pinned since the set was last told: never a victim
+                    self.blocks.update(res)
+                    continue
                 if slot.busy or slot.moving:  # defragmentation is moving it: it goes when that ends
                     if deferred >= self.blocks.num_candidates(tier):
                         break
                     deferred += 1
                     self.blocks.defer(res, tier)
-                    continue
-                if node.pin_count or res.in_flight:  # pinned since the set was last told: never a victim
-                    self.blocks.update(res)
-                    if self.blocks.is_candidate(res, tier):
-                        self.blocks.defer(res, tier)
                     continue
                 if len(res.copies) > 1:
                     self.drop_copy(res, tier, kind=EventKind.EVICTED)
