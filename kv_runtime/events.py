@@ -25,6 +25,10 @@ class EventKind(enum.Enum):
     MISS = "miss"  # a copy turned out unreadable (corrupt, truncated, I/O error) and was discarded
     RECOVERED = "recovered"  # a block found on disk after a restart was adopted into the index
 
+    # NOTE: members are singletons compared by identity; Enum's own hash (of the name, in Python code) ran twice
+    # per eviction through the counters' keys.
+    __hash__ = object.__hash__
+
 
 class ResidencyEvent(NamedTuple):
     """One residency change (a tuple: immutable and cheap to make on the eviction path)."""
