@@ -297,6 +297,9 @@ class HierarchyManager:
                     except (PinnedError, StaleNodeError):  # a lease raced us; the index has the truth
                         self.blocks.update(res)
                         if self.blocks.is_candidate(res, tier):
+                            if deferred >= self.blocks.num_candidates(tier):
+                                break
+                            deferred += 1
                             self.blocks.defer(res, tier)
                         continue
                     self.events.emit(EventKind.EVICTED, res.key, tier, res.nbytes, res.tenant)
