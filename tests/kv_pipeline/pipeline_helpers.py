@@ -16,6 +16,27 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return torch.randint(2, 8000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def full_logits(model, tokens: list[int]) -> torch.Tensor:
+    """The prompt's last logits from a full prefill straight through the model (the reference)."""
+    return model.prefill(torch.tensor(tokens), model.new_cache())
+
+
+def greedy(model, tokens: list[int], n: int) -> list[int]:
+    """The no-cache baseline: a full prefill then greedy decoding, straight through the model."""
+    cache = model.new_cache()
+    out = [int(torch.argmax(model.prefill(torch.tensor(tokens), cache)))]
+    while len(out) < n:
+        out.append(int(torch.argmax(model.decode(out[-1], cache))))
+    return out
+
+
+async def run(engine, prompt_, **kwargs):
+    """Every output of one request, after its write-back has finished."""
+    outs = [out async for out in engine.generate(prompt_, **kwargs)]
+    await engine.scheduler.drain()
+    return outs
+
+
 def cost_model(engine):
     """The engine's load-vs-recompute cost model: the one place the tests reach it (re-point it here)."""
     return engine.cost

@@ -6,26 +6,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from pipeline_helpers import BLOCK, prompt
+from pipeline_helpers import BLOCK, greedy, prompt, run
 
 from kv_runtime import Tier
 
 BLOCK_BYTES = 98_304  # qwen2-tiny, fp32, 16-token blocks: 2 layers x (K, V) x 2 heads x 16 tokens x 64 dims x 4 B
 
 
-def _greedy(model, tokens: list[int], n: int) -> list[int]:
-    cache = model.new_cache()
-    out = [int(torch.argmax(model.prefill(torch.tensor(tokens), cache)))]
-    while len(out) < n:
-        out.append(int(torch.argmax(model.decode(out[-1], cache))))
-    return out
-
-
-async def _run(engine, prompt_, **kwargs):
-    outs = [out async for out in engine.generate(prompt_, **kwargs)]
-    await engine.scheduler.drain()
-    return outs
 
 
 async def test_save_reuse_list_inspect_drop(make_engine):
@@ -39,12 +26,12 @@ async def test_save_reuse_list_inspect_drop(make_engine):
         assert info["cached_blocks"] == 5 and info["tokens"] == len(doc) and info["pinned"]
         assert info["blocks_by_tier"] == {"ddr": 5, "disk": 5}  # pinned contexts are persisted
         assert engine.hierarchy.index.stats().pinned_blocks == 5
-        outs = await _run(engine, question, shared_context_id="doc", max_new_tokens=5, session_id="s1")
+        outs = await run(engine, question, shared_context_id="doc", max_new_tokens=5, session_id="s1")
         m = outs[-1].metrics
         assert m.prompt_tokens == len(doc) + len(question)
         assert m.reused_tokens == {"ddr": 5 * BLOCK}
         assert m.computed_tokens == 4 + len(question)  # the context's partial block and the new part only
-        assert [o.token_id for o in outs] == _greedy(engine.model, doc + question, 5)
+        assert [o.token_id for o in outs] == greedy(engine.model, doc + question, 5)
         assert [c.context_id for c in engine.list_shared_contexts()] == ["doc"]
         assert await engine.drop_shared_context("doc")
         assert not await engine.drop_shared_context("doc")
@@ -54,7 +41,7 @@ async def test_save_reuse_list_inspect_drop(make_engine):
         with pytest.raises(KeyError, match="doc"):
             engine.shared_context_info("doc")
         with pytest.raises(KeyError, match="doc"):
-            await _run(engine, question, shared_context_id="doc")
+            await run(engine, question, shared_context_id="doc")
 
 
 async def test_saving_again_replaces_the_context(make_engine):
@@ -77,7 +64,7 @@ async def test_ttl_expiry(make_engine, monkeypatch):
         assert [c.context_id for c in engine.list_shared_contexts()] == ["long"]
         assert engine.get_shared_context("short") is None
         with pytest.raises(KeyError):
-            await _run(engine, [5, 6, 7], shared_context_id="short")
+            await run(engine, [5, 6, 7], shared_context_id="short")
         assert engine.hierarchy.index.stats().pinned_blocks == 2  # the expired context's pins are gone
 
 
@@ -109,7 +96,7 @@ async def test_pinned_context_survives_ddr_pressure(make_engine):
 
         for i, other in enumerate(others):
             live_before = ddr.stats().live_blocks
-            m = (await _run(engine, other, max_new_tokens=1))[-1].metrics
+            m = (await run(engine, other, max_new_tokens=1))[-1].metrics
             assert m.reused_tokens == {}
             if i:
                 assert live_before + 6 > 12  # this prompt's blocks fit only by evicting others
@@ -121,13 +108,13 @@ async def test_pinned_context_survives_ddr_pressure(make_engine):
         assert engine.shared_context_info("pinned")["blocks_by_tier"] == {"ddr": 4}
         assert engine.shared_context_info("pinned")["cached_blocks"] == 4
         question = prompt(5, seed=8)
-        outs = await _run(engine, question, shared_context_id="pinned", max_new_tokens=1)
+        outs = await run(engine, question, shared_context_id="pinned", max_new_tokens=1)
         m = outs[-1].metrics
         assert m.reused_tokens == {"ddr": 4 * BLOCK} and m.computed_tokens == len(question)
-        assert [o.token_id for o in outs] == _greedy(engine.model, doc + question, 1)
+        assert [o.token_id for o in outs] == greedy(engine.model, doc + question, 1)
         # the newest unpinned prompt survived; the earliest was evicted meanwhile and is recomputed
-        assert (await _run(engine, others[-1], max_new_tokens=1))[-1].metrics.reused_tokens == {"ddr": 6 * BLOCK}
-        outs = await _run(engine, others[0], max_new_tokens=1)
+        assert (await run(engine, others[-1], max_new_tokens=1))[-1].metrics.reused_tokens == {"ddr": 6 * BLOCK}
+        outs = await run(engine, others[0], max_new_tokens=1)
         assert outs[-1].metrics.reused_tokens == {}
         assert context_resident()
 
@@ -137,14 +124,14 @@ async def test_context_survives_restart_from_disk(make_engine):
     question = prompt(7, seed=10)
     async with make_engine(write_mode="selective") as engine:
         await engine.save_shared_context("manual", doc, ttl=3600)
-        baseline = _greedy(engine.model, doc + question, 4)
+        baseline = greedy(engine.model, doc + question, 4)
     async with make_engine(write_mode="selective") as engine:
         (ctx,) = engine.list_shared_contexts()
         assert ctx.context_id == "manual" and ctx.tokens == tuple(doc) and ctx.expires is not None
         info = engine.shared_context_info("manual")
         assert info["cached_blocks"] == 5 and info["blocks_by_tier"] == {"disk": 5}
         assert engine.hierarchy.index.stats().pinned_blocks == 5  # pinned again at start
-        outs = await _run(engine, question, shared_context_id="manual", max_new_tokens=4)
+        outs = await run(engine, question, shared_context_id="manual", max_new_tokens=4)
         m = outs[-1].metrics
         assert m.reused_tokens.get("disk", 0) > 0 and m.load_misses == 0
         assert sum(m.reused_tokens.values()) + m.computed_tokens == len(doc) + len(question)
@@ -171,7 +158,7 @@ async def test_bad_context_inputs(make_engine):
         with pytest.raises(KeyError, match="nope"):
             engine.shared_context_info("nope")
         with pytest.raises(KeyError, match="nope"):
-            await _run(engine, [1, 2, 3], shared_context_id="nope")
+            await run(engine, [1, 2, 3], shared_context_id="nope")
         assert not await engine.drop_shared_context("nope")
         assert engine.list_shared_contexts() == []
     with pytest.raises(RuntimeError, match="not started"):

@@ -8,7 +8,7 @@ Tolerance: fp32 on the CPU, ``atol=1e-4`` on logits (restored K/V are the same b
 from __future__ import annotations
 
 import torch
-from pipeline_helpers import BLOCK, prompt
+from pipeline_helpers import BLOCK, full_logits, greedy, prompt
 
 from kv_io.disk_format import HEADER_BYTES
 from kv_runtime import Tier
@@ -17,18 +17,6 @@ from kv_runtime.backends.hf_backend import HFModel
 ATOL = 1e-4
 
 
-def _full_logits(model: HFModel, tokens: list[int]) -> torch.Tensor:
-    return model.prefill(torch.tensor(tokens), model.new_cache())
-
-
-def _greedy(model: HFModel, tokens: list[int], n: int) -> list[int]:
-    """The no-cache baseline: a full prefill then greedy decoding, straight through the model."""
-    cache = model.new_cache()
-    logits = model.prefill(torch.tensor(tokens), cache)
-    out = [int(torch.argmax(logits))]
-    while len(out) < n:
-        out.append(int(torch.argmax(model.decode(out[-1], cache))))
-    return out
 
 
 async def _logits(engine, tokens):
@@ -66,11 +54,11 @@ async def test_engine_restores_from_ddr_and_disk_with_full_prefill_logits(make_e
     async with make_engine() as engine:
         for prefix, extra in prompts:
             longer = prefix + extra
-            reference = _full_logits(engine.model, longer)
+            reference = full_logits(engine.model, longer)
             references.append(reference)
             first, m0 = await _logits(engine, prefix)
             assert m0.plan == "recompute" and m0.computed_tokens == len(prefix)
-            torch.testing.assert_close(first, _full_logits(engine.model, prefix), atol=ATOL, rtol=0)
+            torch.testing.assert_close(first, full_logits(engine.model, prefix), atol=ATOL, rtol=0)
             again, m1 = await _logits(engine, longer)
             reusable = min(len(prefix) // BLOCK, (len(longer) - 1) // BLOCK) * BLOCK
             assert m1.plan == "load"
@@ -91,7 +79,7 @@ async def test_engine_restores_from_ddr_and_disk_with_full_prefill_logits(make_e
 async def test_greedy_continuations_equal_the_no_cache_baseline(make_engine):
     tokens = prompt(BLOCK * 6 + 5, seed=7)
     async with make_engine() as engine:
-        baseline = _greedy(engine.model, tokens, 8)
+        baseline = greedy(engine.model, tokens, 8)
         assert len(set(baseline)) > 1  # a real continuation, not one token repeated
         runs = []
         for _ in range(2):  # first from scratch, then with the prefix from DDR
@@ -126,8 +114,8 @@ def _corrupt(engine, tokens: list[int], block: int) -> None:
 async def test_corrupt_disk_block_is_a_counted_miss_and_recomputed(make_engine):
     tokens = prompt(BLOCK * 8 + 3, seed=11)
     async with make_engine() as engine:
-        baseline = _greedy(engine.model, tokens, 6)
-        reference = _full_logits(engine.model, tokens)
+        baseline = greedy(engine.model, tokens, 6)
+        reference = full_logits(engine.model, tokens)
         await engine.prefill(tokens)
         await engine.scheduler.drain()
     for block in (5, 0):  # a block in the middle of the prefix, then its very first block
@@ -159,7 +147,7 @@ async def test_corrupt_block_demoted_by_a_tiny_ddr_is_recomputed(make_engine):
     first, other = prompt(BLOCK * 4 + 3, seed=12), prompt(BLOCK * 6 + 3, seed=13)
     # write-back with 8 blocks of DDR: the second prompt demotes the first one's blocks to disk
     async with make_engine(write_mode="write-back", ddr_bytes=8 * 98_304) as engine:
-        reference = _full_logits(engine.model, first)
+        reference = full_logits(engine.model, first)
         await engine.prefill(first)
         await engine.scheduler.drain()
         await engine.prefill(other)

@@ -7,7 +7,18 @@ import asyncio
 import threading
 
 import torch
-from pipeline_helpers import BLOCK, GATE_S, Gate, assert_released, cost_model, prompt, set_costs
+from pipeline_helpers import (
+    BLOCK,
+    GATE_S,
+    Gate,
+    assert_released,
+    cost_model,
+    full_logits,
+    greedy,
+    prompt,
+    run,
+    set_costs,
+)
 
 from kv_runtime import Tier
 
@@ -25,22 +36,7 @@ FAST_PREFILL = 1e6
 DEAD_DDR = (1e-9, 0.0)
 
 
-def _full_logits(model, tokens: list[int]) -> torch.Tensor:
-    return model.prefill(torch.tensor(tokens), model.new_cache())
 
-
-def _greedy(model, tokens: list[int], n: int) -> list[int]:
-    cache = model.new_cache()
-    out = [int(torch.argmax(model.prefill(torch.tensor(tokens), cache)))]
-    while len(out) < n:
-        out.append(int(torch.argmax(model.decode(out[-1], cache))))
-    return out
-
-
-async def _run(engine, prompt_, **kwargs):
-    outs = [out async for out in engine.generate(prompt_, **kwargs)]
-    await engine.scheduler.drain()
-    return outs
 
 
 def _assert_idle(engine, context_pins: int = 0) -> None:
@@ -52,17 +48,17 @@ def _assert_idle(engine, context_pins: int = 0) -> None:
 async def test_plans_ddr_load_and_disk(make_engine):
     tokens = prompt(BLOCK * 10 + 5, seed=20)  # 10 full blocks before the last token, 5 tokens after them
     async with make_engine() as engine:
-        first = (await _run(engine, tokens, max_new_tokens=1))[-1].metrics
+        first = (await run(engine, tokens, max_new_tokens=1))[-1].metrics
         assert (first.plan, first.matched_tokens, first.computed_tokens) == ("recompute", 0, len(tokens))
         set_costs(engine, prefill_tflops=SLOW_PREFILL, ddr=FAST_LINK, disk=FAST_LINK)
-        m = (await _run(engine, tokens, max_new_tokens=1))[-1].metrics
+        m = (await run(engine, tokens, max_new_tokens=1))[-1].metrics
         assert m.plan == "load" and m.matched_tokens == 10 * BLOCK
         assert m.reused_tokens == {"ddr": 10 * BLOCK} and m.computed_tokens == 5 < len(tokens)
         assert m.bytes_loaded == 10 * BLOCK_BYTES and m.load_misses == 0
         assert m.load_ms > 0 and m.compute_ms > 0 and m.ttft_ms >= m.queue_ms
         # a DDR hit that the model says is slower to load than to recompute is recomputed
         set_costs(engine, prefill_tflops=FAST_PREFILL, ddr=DEAD_DDR, disk=DEAD_DISK)
-        m = (await _run(engine, tokens, max_new_tokens=1))[-1].metrics
+        m = (await run(engine, tokens, max_new_tokens=1))[-1].metrics
         assert (m.plan, m.matched_tokens, m.reused_tokens, m.computed_tokens) == (
             "recompute",
             10 * BLOCK,
@@ -76,7 +72,7 @@ async def test_plans_ddr_load_and_disk(make_engine):
         async with make_engine() as engine:
             set_costs(engine, **costs)
             expected = cost_model(engine).plan(["disk"] * 10, BLOCK)
-            m = (await _run(engine, tokens, max_new_tokens=1))[-1].metrics
+            m = (await run(engine, tokens, max_new_tokens=1))[-1].metrics
             assert engine.metrics_snapshot()["pipeline"]["plan_counts"] == {m.plan: 1}
             assert m.matched_tokens == 10 * BLOCK and m.load_misses == 0
             return m, expected
@@ -99,17 +95,17 @@ async def test_plans_ddr_load_and_disk(make_engine):
 async def test_a_prompt_within_one_block_always_computes_its_last_token(make_engine):
     tokens = prompt(BLOCK * 2, seed=21)  # exactly two blocks: the second holds the last token
     async with make_engine() as engine:
-        await _run(engine, tokens, max_new_tokens=1)
+        await run(engine, tokens, max_new_tokens=1)
         logits, m = await engine.prompt_logits(tokens)
         assert m.reused_tokens == {"ddr": BLOCK} and m.computed_tokens == BLOCK
-        torch.testing.assert_close(logits, _full_logits(engine.model, tokens), atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits, full_logits(engine.model, tokens), atol=ATOL, rtol=0)
 
 
 async def test_closing_the_stream_mid_generation_releases_everything(make_engine):
     tokens = prompt(BLOCK * 6 + 3, seed=22)
     async with make_engine() as engine:
         await engine.save_shared_context("ctx", prompt(BLOCK * 2, seed=23))
-        await _run(engine, tokens, max_new_tokens=1)
+        await run(engine, tokens, max_new_tokens=1)
         stream = engine.generate(tokens, max_new_tokens=50)
         got = [await anext(stream), await anext(stream)]
         # The six loaded blocks' pins went back as soon as they were in the model's cache: only the context's stay.
@@ -117,7 +113,7 @@ async def test_closing_the_stream_mid_generation_releases_everything(make_engine
         await stream.aclose()
         await engine.scheduler.drain()
         _assert_idle(engine, context_pins=2)
-        outs = await _run(engine, tokens, max_new_tokens=2)
+        outs = await run(engine, tokens, max_new_tokens=2)
         assert [o.token_id for o in outs] == [o.token_id for o in got]
         _assert_idle(engine, context_pins=2)
 
@@ -133,11 +129,11 @@ async def test_cancelling_requests_keeps_the_engine_serving(make_engine, monkeyp
     survivor = prompt(BLOCK * 3 + 2, seed=27)
     async with make_engine() as engine:  # write-through: both prefixes reach disk
         for p in (cached, waiting):
-            await _run(engine, p, max_new_tokens=1)
+            await run(engine, p, max_new_tokens=1)
     async with make_engine() as engine:  # restarted: both prefixes are on disk only
         model = engine.model
-        references = {"cached": _full_logits(model, cached), "waiting": _full_logits(model, waiting)}
-        expected_survivor = _greedy(model, survivor, 4)
+        references = {"cached": full_logits(model, cached), "waiting": full_logits(model, waiting)}
+        expected_survivor = greedy(model, survivor, 4)
         loads_pay = dict(prefill_tflops=SLOW_PREFILL, ddr=FAST_LINK, disk=FAST_LINK)  # a cached prefix is loaded
 
         decode_gate, prefill_gate = Gate(), Gate()
@@ -238,8 +234,8 @@ async def test_cancelling_requests_keeps_the_engine_serving(make_engine, monkeyp
 async def test_failed_load_falls_back_to_recompute(make_engine, monkeypatch):
     tokens = prompt(BLOCK * 6 + 3, seed=27)
     async with make_engine() as engine:
-        reference = _full_logits(engine.model, tokens)
-        await _run(engine, tokens, max_new_tokens=1)
+        reference = full_logits(engine.model, tokens)
+        await run(engine, tokens, max_new_tokens=1)
 
         def broken(*args, **kwargs):
             raise OSError("device went away")
@@ -260,8 +256,8 @@ async def test_disk_prefix_larger_than_ddr_is_still_answered(make_engine):
     recomputed because it cannot all sit in DDR at once."""
     tokens = prompt(BLOCK * 8 + 3, seed=28)
     async with make_engine() as engine:
-        reference = _full_logits(engine.model, tokens)
-        await _run(engine, tokens, max_new_tokens=1)
+        reference = full_logits(engine.model, tokens)
+        await run(engine, tokens, max_new_tokens=1)
     async with make_engine(ddr_bytes=3 * BLOCK_BYTES) as engine:  # 8 blocks on disk, room for 3 in DDR
         set_costs(engine, prefill_tflops=SLOW_PREFILL, ddr=FAST_LINK, disk=FAST_LINK)  # loading all of it pays
         logits, m = await engine.prompt_logits(tokens)
@@ -280,8 +276,8 @@ async def test_both_plan_loads_the_back_while_the_front_is_recomputed(make_engin
     ``GATE_S`` and the test fails."""
     tokens = prompt(BLOCK * 10 + 5, seed=36)
     async with make_engine() as engine:
-        reference = _full_logits(engine.model, tokens)
-        await _run(engine, tokens, max_new_tokens=1)  # write-through: the prefix reaches disk
+        reference = full_logits(engine.model, tokens)
+        await run(engine, tokens, max_new_tokens=1)  # write-through: the prefix reaches disk
     async with make_engine() as engine:  # restarted: the prefix is on disk only
         set_costs(engine, prefill_tflops=SLOW_PREFILL, ddr=FAST_LINK, disk=SLOW_DISK)
         plan = cost_model(engine).plan(["disk"] * 10, BLOCK)
@@ -325,7 +321,7 @@ async def test_both_plan_loads_the_back_while_the_front_is_recomputed(make_engin
 async def test_write_back_publishes_the_prompts_full_blocks(make_engine):
     tokens = prompt(BLOCK * 5 + 7, seed=29)
     async with make_engine(write_mode="write-back") as engine:
-        await _run(engine, tokens, max_new_tokens=3)
+        await run(engine, tokens, max_new_tokens=3)
         nodes = engine.hierarchy.match(engine.keyer.request(tokens))
         assert len(nodes) == 5
         assert all(n.ready and Tier.DDR in n.payload.copies for n in nodes)
@@ -335,7 +331,7 @@ async def test_write_back_publishes_the_prompts_full_blocks(make_engine):
 async def test_write_through_reaches_disk(make_engine):
     tokens = prompt(BLOCK * 5 + 7, seed=30)
     async with make_engine(write_mode="write-through") as engine:
-        await _run(engine, tokens, max_new_tokens=1)
+        await run(engine, tokens, max_new_tokens=1)
         assert engine.hierarchy.pool(Tier.DISK).store.stats()["published"] == 5
         nodes = engine.hierarchy.match(engine.keyer.request(tokens))
         assert all(set(n.payload.copies) == {Tier.DDR, Tier.DISK} for n in nodes)
@@ -345,9 +341,9 @@ async def test_selective_writes_down_on_the_second_use(make_engine):
     tokens = prompt(BLOCK * 5 + 7, seed=31)
     async with make_engine(write_mode="selective") as engine:
         store = engine.hierarchy.pool(Tier.DISK).store
-        await _run(engine, tokens, max_new_tokens=1)
+        await run(engine, tokens, max_new_tokens=1)
         assert store.stats()["published"] == 0
-        m = (await _run(engine, tokens, max_new_tokens=1))[-1].metrics
+        m = (await run(engine, tokens, max_new_tokens=1))[-1].metrics
         assert m.reused_tokens == {"ddr": 5 * BLOCK}
         assert store.stats()["published"] == 5
 
@@ -357,10 +353,10 @@ async def test_write_back_demotes_to_disk_under_ddr_pressure(make_engine):
     # needs its budget twice over
     first, second = prompt(BLOCK * 4 + 3, seed=32), prompt(BLOCK * 6 + 3, seed=33)
     async with make_engine(write_mode="write-back", ddr_bytes=8 * BLOCK_BYTES, max_inflight_bytes=4 * BLOCK_BYTES) as e:
-        reference = _full_logits(e.model, first)
-        await _run(e, first, max_new_tokens=1)
+        reference = full_logits(e.model, first)
+        await run(e, first, max_new_tokens=1)
         async with asyncio.timeout(30):
-            await _run(e, second, max_new_tokens=1)
+            await run(e, second, max_new_tokens=1)
         assert e.hierarchy.pool(Tier.DISK).store.stats()["published"] >= 2  # demoted, not dropped
         logits, m = await e.prompt_logits(first)
         await e.scheduler.drain()
@@ -374,7 +370,7 @@ async def test_metrics_snapshot_and_prometheus(make_engine):
     a, b = prompt(BLOCK * 3 + 1, seed=34), prompt(BLOCK * 2 + 5, seed=35)
     async with make_engine() as engine:
         for p, session in ((a, "tab-a"), (a, "tab-a"), (b, "tab-b")):
-            await _run(engine, p, max_new_tokens=2, session_id=session)
+            await run(engine, p, max_new_tokens=2, session_id=session)
         snap = engine.metrics_snapshot()
         pipe = snap["pipeline"]
         assert pipe["requests"] == 3
