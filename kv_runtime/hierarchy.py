@@ -340,6 +340,18 @@ class HierarchyManager:
                 if isinstance(node.payload, Residency):
                     self.blocks.update(node.payload)
 
+    def oldest_movable(self, tier: Tier, nbytes: int) -> list[Residency]:
+        """Unpinned, idle copies of ``tier``, least recently used first, up to ``nbytes`` of them: what a
+        demotion may move down (moving a block's only copy to a lower tier keeps its chain whole)."""
+        out, total = [], 0
+        with self._lock:
+            for r in self.blocks.movable(tier):
+                if total >= nbytes:
+                    break
+                out.append(r)
+                total += r.nbytes
+        return out
+
     def blocks_in(self, tier: Tier) -> list[Residency]:
         with self._lock:
             return self.blocks.resident(tier)

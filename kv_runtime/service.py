@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import threading
 import time
@@ -113,7 +112,6 @@ class TierService:
         keyer: BlockKeyer,
         *,
         max_inflight_bytes: int = 256 << 20,
-        load_chunk_bytes: int = LOAD_CHUNK_BYTES,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.hierarchy = hierarchy
@@ -122,10 +120,9 @@ class TierService:
         self.policy = policy
         self.keyer = keyer
         self.block_size = keyer.block_size
-        self.load_chunk_bytes = load_chunk_bytes
         self.loads = ByteBudget(max_inflight_bytes)
         self.saves = ByteBudget(max_inflight_bytes)
-        self.loop = loop or asyncio.get_event_loop()
+        self.loop = loop or asyncio.get_running_loop()  # where its transfers and background work run
         self._loads_running = 0
         self._loads_idle = asyncio.Event()
         self._loads_idle.set()
@@ -274,7 +271,7 @@ class TierService:
         base = lease.plan.recompute_front
         block_bytes = nodes[0].payload.nbytes
         ddr = self.hierarchy.pool(Tier.DDR)
-        per = max(1, min(self.load_chunk_bytes, ddr.capacity_bytes // 4) // block_bytes)
+        per = max(1, min(LOAD_CHUNK_BYTES, ddr.capacity_bytes // 4) // block_bytes)
         depth = max(1, min(MAX_READ_AHEAD, ddr.capacity_bytes // 2 // (per * block_bytes)))
         pieces = self._pieces(nodes, per)
         self._loads_running += 1
@@ -517,18 +514,16 @@ class TierService:
         if not self.has_disk or pool.free_bytes >= nbytes:
             return
         victims, freed = [], 0
-        # The walk is bounded: a policy that keeps nothing must not turn every save into a scan of DDR.
-        budget = 4 * (nbytes // max(1, self.hierarchy.blocks.reserve_size(pool, 1))) + 64
-        with self.hierarchy._lock:
-            for r in itertools.islice(self.hierarchy.blocks.movable(Tier.DDR), budget):
-                if freed >= nbytes - pool.free_bytes:
-                    break
-                if Tier.DISK in r.copies:  # dropping it loses nothing
-                    freed += r.nbytes
-                    continue
-                if self.policy.on_evict(r.key, self.block_info(r), in_next_tier=False).action == "demote":
-                    victims.append(r)
-                    freed += r.nbytes
+        # The walk is bounded (four times the bytes asked for): a policy that keeps nothing must not turn every
+        # save into a scan of DDR.
+        for r in self.hierarchy.oldest_movable(Tier.DDR, 4 * nbytes):
+            if freed >= nbytes - pool.free_bytes:
+                break
+            if Tier.DISK in r.copies:  # dropping it loses nothing
+                freed += r.nbytes
+            elif self.policy.on_evict(r.key, self.block_info(r), in_next_tier=False).action == "demote":
+                victims.append(r)
+                freed += r.nbytes
         if victims:
             await self.write_down(victims, keep_source=False)
 

@@ -13,8 +13,6 @@ from kv_runtime import Tier
 BLOCK_BYTES = 98_304  # qwen2-tiny, fp32, 16-token blocks: 2 layers x (K, V) x 2 heads x 16 tokens x 64 dims x 4 B
 
 
-
-
 async def test_save_reuse_list_inspect_drop(make_engine):
     doc = prompt(BLOCK * 5 + 4, seed=1)
     question = prompt(10, seed=2)

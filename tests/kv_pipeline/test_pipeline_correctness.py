@@ -17,8 +17,6 @@ from kv_runtime.backends.hf_backend import HFModel
 ATOL = 1e-4
 
 
-
-
 async def _logits(engine, tokens):
     logits, metrics = await engine.prompt_logits(tokens)
     await engine.scheduler.drain()

@@ -36,9 +36,6 @@ FAST_PREFILL = 1e6
 DEAD_DDR = (1e-9, 0.0)
 
 
-
-
-
 def _assert_idle(engine, context_pins: int = 0) -> None:
     """No lease, byte, busy slot or migration of a finished request is left behind."""
     assert_released(engine, context_pins)
