@@ -17,6 +17,7 @@ cannot be redirected either.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -129,3 +130,36 @@ def _check_file(path: Path | str, st: os.stat_result) -> None:
         raise UnsafePathError(f"{path} has {st.st_nlink} hard links; kvtier's files have exactly one")
     if stat.S_IMODE(st.st_mode) & 0o022:
         raise UnsafePathError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def write_private_atomic(path: Path | str, data: bytes) -> None:
+    """Replace a small private file so that readers see the old or the new bytes, never a mix: a temp file
+    beside it (O_EXCL, 0o600), fsync, rename over the target, fsync of the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of a killed writer with this pid; unlink never follows a link
+    fd = open_private(tmp, os.O_WRONLY | os.O_EXCL, create=True)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_private(path: Path | str) -> bytes | None:
+    """A private file's bytes (:func:`open_private`'s checks), or None if it does not exist."""
+    try:
+        fd = open_private(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -63,6 +64,8 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 WRITE_MODES: tuple[str, ...] = get_args(WriteMode)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_BLOCK_SIZE = 4096  # tokens per block: LMDeploy uses 16-256; a larger block would rarely be reused whole
+MAX_IO_THREADS = 256  # a disk's useful queue depth is tens of requests (io/README.md), not thousands of threads
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # KV dtype names (and the aliases torch and LMDeploy users write) -> the one name both engines pass on.
 _DTYPES = {
@@ -88,6 +91,10 @@ def parse_size(value: int | str, key: str = "size") -> int:
         raise ConfigError(f"{key}: expected a byte size, got {value!r}")
     if isinstance(value, int):
         n = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{key}: a byte count must be whole, got {value!r} (units may be fractional: '1.5GiB')")
+        n = int(value)
     else:
         m = _SIZE.match(str(value))
         if not m:
@@ -153,7 +160,7 @@ class KVTierConfig(BaseModel):
     """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
     dtype: str = "auto"
     """Model and KV dtype; ``auto``: the model's config.json (``resolve_dtype``)."""
-    block_size: Count = 64
+    block_size: Annotated[Count, Field(le=MAX_BLOCK_SIZE)] = 64
     """Tokens per block, the unit of reuse; 64 is LMDeploy's own block size, so one block maps to one of its blocks."""
     hbm_bytes: Size = 0
     """GPU memory for the engine's block pool (LMDeploy's prefix cache); 0: the engine sizes it itself."""
@@ -171,7 +178,10 @@ class KVTierConfig(BaseModel):
     ``write-back``: on eviction from DDR."""
     cache_salt: str = ""
     """Part of every block key: tenants with different salts never hit (or time) each other's prefixes."""
-    io_threads: Count = DEFAULT_IO_THREADS
+    model_revision: str = ""
+    """A tag naming the weights (a commit, a checkpoint step), part of every block key beside the hash of every
+    weight byte: give it where a model directory is rewritten in place, to make the change explicit."""
+    io_threads: Annotated[Count, Field(le=MAX_IO_THREADS)] = DEFAULT_IO_THREADS
     """The disk tier's outstanding requests (kv_io's measured default, io/README.md)."""
     max_inflight_bytes: Size = 256 << 20
     """Bound on the bytes of transfers in flight at once (the transformers engine's scheduler)."""
@@ -322,6 +332,8 @@ def _explain(error: ValidationError) -> str:
 
 def _phrase(e: Mapping[str, Any]) -> str:
     kind, ctx = e["type"], e.get("ctx") or {}
+    if isinstance(e.get("input"), float) and not math.isfinite(e["input"]):
+        return "expected a finite number"
     if kind.startswith("int_"):
         return "expected an integer"
     if kind.startswith("float_"):
@@ -334,6 +346,8 @@ def _phrase(e: Mapping[str, Any]) -> str:
         return f"must be > {ctx['gt']}"
     if kind == "greater_than_equal":
         return f"must be >= {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
     if kind.startswith("string_"):
         return "expected a string"
     return str(e["msg"]).lower()

@@ -9,6 +9,7 @@ is stable across processes and machines and can name blocks on disk.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -58,17 +59,57 @@ class KeyNamespace:
         object.__setattr__(self, "check_seed", xxhash.xxh64_intdigest(b"kvtier-check\x00" + canonical))
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """A model's identity for ``KeyNamespace.model_id``: its config plus a cheap weights fingerprint (file
-    names and sizes, and the first and last MiB of every weight file), so that changed weights never match."""
+# Files whose bytes can change a model's KV: its weights in every format transformers and LMDeploy load.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_READ_BYTES = 16 << 20
+
+
+def model_fingerprint(
+    model_dir: str | Path, *, revision: str = "", memo: MutableMapping[str, list] | None = None
+) -> str:
+    """A model's identity for ``KeyNamespace.model_id``: ``config.json``, ``revision`` (a user-given tag, e.g. a
+    commit) and an xxh3-128 hash of every byte of every weight file under ``model_dir``.
+
+    Every byte, because a copy of a model with one middle layer changed (a weight edit, a merged adapter) must
+    never be served the original's KV: hashing only each file's ends let exactly that through. Hashing costs one
+    read of the weights (about a second per GB from the page cache); ``memo`` remembers each file's hash by its
+    resolved path, size, mtime, ctime, inode and device, so a restart that finds the same file rehashes nothing.
+    Any change to a file (even one that restores its mtime: ctime cannot be set back) makes it hashed again.
+    """
     model_dir = Path(model_dir)
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a model directory")
+    weights = sorted(
+        p for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file() and ".git" not in p.parts
+    )
+    if not weights:
+        raise FileNotFoundError(f"{model_dir} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     h = xxhash.xxh3_128()
-    h.update((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f.name.encode() + size.to_bytes(8, "little"))
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
+    h.update(b"kvtier-model\x00" + config.read_bytes())
+    h.update(b"\x00revision\x00" + revision.encode())
+    for path in weights:
+        h.update(b"\x00" + path.relative_to(model_dir).as_posix().encode() + b"\x00")
+        h.update(_file_digest(path, memo))
     return f"{model_dir.name}@{h.hexdigest()}"
+
+
+def _file_digest(path: Path, memo: MutableMapping[str, list] | None) -> bytes:
+    real = path.resolve()  # hub caches link weights to shared blobs: the blob's identity is what counts
+    st = real.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    key = str(real)
+    if memo is not None:
+        known = memo.get(key)
+        if isinstance(known, list) and len(known) == 6 and known[:5] == stamp and isinstance(known[5], str):
+            return bytes.fromhex(known[5])
+    h = xxhash.xxh3_128()
+    buf = bytearray(_READ_BYTES)
+    view = memoryview(buf)
+    with real.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    digest = h.digest()
+    if memo is not None:
+        memo[key] = [*stamp, digest.hex()]
+    return digest

@@ -34,9 +34,10 @@ import torch
 from kv_runtime.config import KVTierConfig
 from kv_runtime.events import EventKind
 from kv_runtime.layout import LAYOUT_VERSION, KVLayout, parse_dtype
+from kv_runtime.model_identity import model_identity
 from kv_runtime.pool import Tier
 from kv_runtime.service import Lease, TierService
-from prefix_reuse import BlockKeyer, KeyNamespace, RequestKeys, model_fingerprint
+from prefix_reuse import BlockKeyer, KeyNamespace, RequestKeys
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class LMDeployStore:
         )
         self.block_size = fmt.block_size
         self.namespace = KeyNamespace(
-            model_id=model_fingerprint(model_dir),
+            model_id=model_identity(config),
             kv_dtype=str(self.dtype).removeprefix("torch."),
             block_size=fmt.block_size,
             quant_policy=str(fmt.quant_policy),

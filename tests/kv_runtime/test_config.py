@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -46,6 +47,7 @@ DEFAULTS = {
     "cache_dir": "kvtier-cache",
     "write_mode": "selective",
     "cache_salt": "",
+    "model_revision": "",
     "io_threads": 16,
     "max_inflight_bytes": 256 << 20,
     "prefill_tflops": 0.0,
@@ -207,10 +209,29 @@ def test_fractional_sizes(n):
 
 
 @pytest.mark.parametrize("key", ["hbm_bytes", "ddr_bytes", "disk_bytes", "max_inflight_bytes"])
-@pytest.mark.parametrize("bad", ["lots", "-5MiB", True, -1, "MiB", None])
+@pytest.mark.parametrize("bad", ["lots", "-5MiB", True, -1, "MiB", None, 1.5, math.nan])
 def test_bad_sizes_name_their_key(key, bad):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         KVTierConfig(**{key: bad})
+
+
+def test_whole_float_sizes_and_fractional_units_are_bytes():
+    assert KVTierConfig(ddr_bytes=4096.0).ddr_bytes == 4096
+    assert KVTierConfig(ddr_bytes="1.5GiB").ddr_bytes == 3 << 29
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"block_size": 10**9}, "block_size: must be <= 4096, got 1000000000"),
+        ({"io_threads": 10**6}, "io_threads: must be <= 256, got 1000000"),
+        ({"prefill_tflops": math.nan}, "prefill_tflops: expected a finite number, got nan"),
+        ({"model_revision": 3}, "model_revision: expected a string, got 3"),
+    ],
+)
+def test_out_of_range_values_get_a_message_naming_the_bound(values, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        KVTierConfig(**values)
 
 
 # ---------------------------------------------------------------------- environment
