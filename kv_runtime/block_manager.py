@@ -17,6 +17,13 @@ down, since moving a block's only copy to a lower tier keeps the chain whole.
 Each set is ordered least recently used first (a use moves a block to the back). This ordering is the mechanism's
 default; ranking victims by a named policy plugs in on top of the same sets. Sets are kept per tier and per
 tier and tenant, so that quota pressure on one tenant finds that tenant's victims without walking the others'.
+
+Blocks *recovered* from disk after a restart and not yet named by any request (the index needs a request's tokens
+to link them) form one more set per tier, keyed by their on-disk name. They are that tier's first victims: their
+last use was before this process started, so they are older than any block used since, and among themselves they
+go in the order the store listed them (slab, offset). This is what keeps a tier that a previous run (or another
+cache salt, or another model) filled from refusing every new block. A recovered block a request links becomes
+an ordinary block and leaves this set.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ class BlockManager:
         self._candidates: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
         self._movable: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
         self._by_tenant: dict[tuple[Tier, str], OrderedDict[Residency, None]] = {}
+        # Recovered slots no request has linked yet, by (namespace digest, disk key), first victims first.
+        self._recovered: dict[Tier, OrderedDict[tuple[bytes, bytes], Slot]] = {t: OrderedDict() for t in self.pools}
 
     # ------------------------------------------------------------------ slots
 
@@ -59,17 +68,19 @@ class BlockManager:
             raise ValueError(f"this hierarchy has no {Tier(tier).name} tier") from None
 
     def allocate(
-        self, tier: Tier, sizes: Sequence[int], tenant: str, make_room: Callable[[Tier, int], int]
+        self, tier: Tier, sizes: Sequence[int], tenant: str, make_room: Callable[[Tier, int], int] | None = None
     ) -> list[Slot]:
         """Slots for blocks of ``sizes`` bytes, counted against quotas; ``make_room(tier, bytes)`` is asked
-        once to free space when the pool is full."""
+        once to free space when the pool is full (without it, a full pool raises :class:`PoolFullError`)."""
         pool = self.pool(tier)
-        reserve = sum(self.reserve_size(pool, n) for n in sizes)
+        reserve = self.reserve_total(pool, sizes)
         self.quotas.reserve(tier, tenant, reserve)
         try:
             try:
                 return pool.allocate_many(sizes)
             except PoolFullError:
+                if make_room is None:
+                    raise
                 make_room(tier, reserve)
                 return pool.allocate_many(sizes)
         except BaseException:
@@ -86,6 +97,37 @@ class BlockManager:
     def reserve_size(pool: KVPool, nbytes: int) -> int:
         """The bytes a block of ``nbytes`` takes in ``pool`` (extents are aligned; HBM cells are exact)."""
         return pool.reserve_bytes(nbytes) if isinstance(pool, (DDRPool, DiskPool)) else nbytes
+
+    @classmethod
+    def reserve_total(cls, pool: KVPool, sizes: Sequence[int]) -> int:
+        return sum(cls.reserve_size(pool, n) for n in sizes)
+
+    # ------------------------------------------------------------------ recovered blocks
+
+    def recover(self, tier: Tier, name: tuple[bytes, bytes], slot: Slot) -> None:
+        """A slot found in ``tier`` after a restart, named ``(namespace digest, disk key)``: a candidate (the
+        first victims, see the module docstring) until a request claims it."""
+        self._recovered[tier][name] = slot
+
+    def claim_recovered(self, tier: Tier, name: tuple[bytes, bytes]) -> Slot | None:
+        """Take a recovered slot out of the set (a request links it into the index), or None."""
+        return self._recovered[tier].pop(name, None)
+
+    def first_recovered(self, tier: Tier) -> tuple[tuple[bytes, bytes], Slot] | None:
+        """The next recovered victim of ``tier``, O(1), or None."""
+        rec = self._recovered[tier]
+        return next(iter(rec.items())) if rec else None
+
+    def defer_recovered(self, tier: Tier, name: tuple[bytes, bytes]) -> None:
+        """A recovered slot that cannot go now (defragmentation is moving it) goes to the back of the set."""
+        self._recovered[tier].move_to_end(name)
+
+    def num_recovered(self, tier: Tier) -> int:
+        return len(self._recovered.get(tier, ()))
+
+    def is_recovered(self, tier: Tier, slot: Slot) -> bool:
+        rec = self._recovered.get(tier)
+        return rec is not None and slot.record is not None and rec.get(_name(slot)) is slot
 
     # ------------------------------------------------------------------ residency and candidacy
 
@@ -193,3 +235,7 @@ class BlockManager:
         if cands is None:
             cands = self._by_tenant[key] = OrderedDict()
         return cands
+
+
+def _name(slot: Slot) -> tuple[bytes, bytes]:
+    return (bytes(slot.record.namespace), bytes(slot.record.key))

@@ -16,23 +16,47 @@ Invariants:
 
 Eviction here is mechanism: drop redundant copies (another tier still has the block) and unreferenced leaves,
 least recently used first, taken from the block manager's candidate sets (``block_manager.py``), which the index
-and this class keep current: finding a victim never scans. Demotion (copying down before dropping) is a
+and this class keep current: finding a victim never scans. Blocks recovered from disk after a restart that no
+request has linked yet are the disk tier's first victims. Demotion (copying down before dropping) is a
 migration and is planned by policy.
+
+Room made by eviction is room for the allocation that asked for it. A DDR (or HBM) slot is free the moment its
+block is dropped. A disk slot whose block was published in the store is free only once its record is deleted
+(so no record can ever point at a slot a newer block reuses); :meth:`HierarchyManager.allocate_async` therefore
+evicts, awaits those deletions and then allocates, one disk allocation at a time.
+
+Every block that could not be cached (no room, a write error, a parent evicted meanwhile, ...) is counted per tier
+and reason (:meth:`HierarchyManager.note_failure`, :meth:`HierarchyManager.stats`) and logged once per tier and
+reason: no room is expected and logged at INFO, anything else is a WARNING.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kv_runtime.block_manager import BlockManager
 from kv_runtime.events import EventKind, EventLog
-from kv_runtime.pool import DDRPool, KVPool, Slot, Tier
+from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot, Tier
 from kv_runtime.quota import QuotaManager, QuotaPressure
 from prefix_reuse import BlockNode, PinnedError, PrefixReuseIndex, RequestKeys, StaleNodeError
+
+log = logging.getLogger(__name__)
+
+NO_ROOM = "no_room"
+"""A cache failure's reason: the tier (or the tenant's quota) had no room after eviction. Expected under load."""
+WRITE_ERROR = "write_error"  # the tier's copy could not be written (a disk I/O error)
+REFUSED = "refused"  # the store refused the write (its slot or name still in use)
+PARENT_EVICTED = "parent_evicted"  # the chain's parent left the index before the blocks were published
+ERROR = "error"  # anything else (a bug): logged with its traceback, once
+DISK_ALLOCATION_TRIES = 3  # evict-and-reap rounds of one disk allocation before it gives up
 
 
 def disk_key(key: bytes, check: int) -> bytes:
@@ -83,8 +107,12 @@ class HierarchyManager:
         self.blocks = BlockManager(self.pools, self.quotas)
         self.index = PrefixReuseIndex(on_release=self._released, on_change=self._nodes_changed)
         self._lock = threading.RLock()
-        # Blocks found on disk after a restart, not yet linked into the index (that needs a request's keys).
-        self._recovered: dict[tuple[bytes, bytes], Slot] = {}
+        # One disk allocation at a time: the extents its eviction frees (once their records are deleted) are its.
+        self._disk_room = asyncio.Lock()
+        # Blocks that could not be cached, per (tier, reason); the first of each is logged.
+        self.failures: Counter[tuple[Tier, str]] = Counter()
+        self._failures_logged: set[tuple[Tier, str]] = set()
+        self.recovered_evicted = 0
         self.quotas.on_pressure(self._evict_for_quota)
 
     # ------------------------------------------------------------------ allocation under quota
@@ -93,9 +121,85 @@ class HierarchyManager:
         return self.blocks.pool(tier)
 
     def allocate(self, tier: Tier, sizes: Sequence[int], tenant: str) -> list[Slot]:
-        """Slots for blocks of ``sizes`` bytes, counted against quotas; evicts to make room if needed."""
+        """Slots for blocks of ``sizes`` bytes, counted against quotas; evicts to make room if needed.
+
+        For the disk tier use :meth:`allocate_async`: here a disk victim's extent returns only after its record
+        is deleted, later, so an allocation that has to evict on disk fails with :class:`PoolFullError`."""
         with self._lock:
             return self.blocks.allocate(tier, sizes, tenant, self.evict)
+
+    async def allocate_async(self, tier: Tier, sizes: Sequence[int], tenant: str) -> list[Slot]:
+        """:meth:`allocate` for the event loop; on disk the eviction's room is this allocation's.
+
+        A full disk tier evicts, awaits the deletion of the victims' records (``DiskPool.reap``) and allocates in
+        their extents, holding the tier's allocation lock throughout so that no other disk allocation takes them
+        meanwhile. Raises :class:`PoolFullError` only when eviction finds nothing more to free.
+        """
+        pool = self.pool(tier)
+        if not isinstance(pool, DiskPool):
+            return self.allocate(tier, sizes, tenant)
+        need = self.blocks.reserve_total(pool, sizes)
+        async with self._disk_room:
+            for attempt in range(DISK_ALLOCATION_TRIES):
+                await pool.reap()
+                with self._lock:
+                    try:
+                        return self.blocks.allocate(tier, sizes, tenant)
+                    except PoolFullError:
+                        if attempt == DISK_ALLOCATION_TRIES - 1:
+                            raise
+                    # Room a quota eviction freed may still be retiring (it returns with the next reap): only
+                    # when nothing is, evict; nothing left to evict means no room.
+                    if not pool.retiring and not self.evict(tier, need):
+                        raise PoolFullError(f"{tier.name}: no room for {need} bytes and nothing left to evict")
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ blocks that could not be cached
+
+    def note_failure(self, tier: Tier, reason: str, blocks: int, detail: object = None) -> None:
+        """Count ``blocks`` that could not be cached in ``tier`` for ``reason``; log the first of each (tier,
+        reason): no room at INFO (expected when the tier is full of pinned or in-flight blocks), anything else
+        as a WARNING, with the traceback only for an unexpected exception (``ERROR``)."""
+        tier = Tier(tier)
+        key = (tier, reason)
+        with self._lock:
+            self.failures[key] += blocks
+            first = key not in self._failures_logged
+            self._failures_logged.add(key)
+        if not first:
+            return
+        what = f"kvtier: {blocks} blocks not cached in {tier.name} ({reason})"
+        more = "; further ones are only counted (hierarchy stats, cache_failures)"
+        if reason == NO_ROOM:
+            log.info("%s: %s%s", what, detail, more)
+        elif reason == ERROR and isinstance(detail, BaseException):
+            log.warning("%s%s", what, more, exc_info=detail)
+        else:
+            log.warning("%s: %s%s", what, detail, more)
+
+    def stats(self) -> dict[str, Any]:
+        """Plain counters: blocks resident per tier, blocks not cached per tier and reason, recovered blocks
+        waiting for a request and those evicted, the disk pool's retiring slots and failed deletes."""
+        with self._lock:
+            failures: dict[str, dict[str, int]] = {}
+            for (tier, reason), n in sorted(self.failures.items()):
+                failures.setdefault(tier.name.lower(), {})[reason] = n
+            out: dict[str, Any] = {
+                "blocks": {t.name.lower(): len(self.blocks.resident(t)) for t in self.pools},
+                "cache_failures": failures,
+                "recovered": {
+                    "waiting": self.blocks.num_recovered(Tier.DISK) if Tier.DISK in self.pools else 0,
+                    "evicted": self.recovered_evicted,
+                },
+            }
+        disk = self.pools.get(Tier.DISK)
+        if isinstance(disk, DiskPool):
+            out["disk"] = {
+                "retiring": disk.retiring,
+                "delete_errors": disk.delete_errors,
+                "overlapping_records": disk.overlapping_records,
+            }
+        return out
 
     def free_slot(self, slot: Slot, tenant: str) -> None:
         """Drop one reference to a slot; its quota is returned when its space is."""
@@ -157,12 +261,12 @@ class HierarchyManager:
         index needs the request's tokens to confirm them); the disk read verifies their bytes later.
         """
         nodes = self.index.match(rk)
-        if self._recovered and len(nodes) < rk.num_blocks:
+        if Tier.DISK in self.pools and self.blocks.num_recovered(Tier.DISK) and len(nodes) < rk.num_blocks:
             ns = rk.namespace.digest
             slots: list[Slot] = []
             with self._lock:
                 for i in range(len(nodes), rk.num_blocks):
-                    slot = self._recovered.pop((ns, disk_key(rk.keys[i], rk.checks[i])), None)
+                    slot = self.blocks.claim_recovered(Tier.DISK, (ns, disk_key(rk.keys[i], rk.checks[i])))
                     if slot is None:
                         break
                     slots.append(slot)
@@ -182,14 +286,43 @@ class HierarchyManager:
         return nodes
 
     def adopt_disk(self) -> int:
-        """Remember every block the disk pool holds (after a restart) until a request links it; returns how many."""
+        """Remember every block the disk pool holds (after a restart) until a request links it; returns how many.
+
+        They are eviction candidates meanwhile, the disk tier's first victims (``block_manager.py``), so blocks
+        of another cache salt or model, which no request here will ever name, make room for new ones."""
         pool = self.pool(Tier.DISK)
         with self._lock:
             known = {id(r.copies.get(Tier.DISK)) for r in self.blocks.resident(Tier.DISK)}
             for slot in pool.live_slots():
                 if slot.record is not None and id(slot) not in known:
-                    self._recovered[(bytes(slot.record.namespace), bytes(slot.record.key))] = slot
-            return len(self._recovered)
+                    self.blocks.recover(Tier.DISK, (bytes(slot.record.namespace), bytes(slot.record.key)), slot)
+            return self.blocks.num_recovered(Tier.DISK)
+
+    def claim_recovered(self, res: Residency) -> bool:
+        """Link a recovered disk record of ``res``'s block as its disk copy (a block computed again whose copy
+        survived a restart, its chain's earlier blocks having been evicted): no write needed, and the store
+        would refuse a second record of the same name. Returns whether there was one."""
+        node = res.node
+        if node is None or Tier.DISK not in self.pools or not self.blocks.num_recovered(Tier.DISK):
+            return False
+        name = (bytes(node.namespace), disk_key(node.key, node.check))
+        with self._lock:
+            slot = self.blocks.claim_recovered(Tier.DISK, name)
+        if slot is None:
+            return False
+        if slot.nbytes != res.nbytes:  # not this block after all (another layout under the same name)
+            with self._lock:
+                self.blocks.recover(Tier.DISK, name, slot)
+            return False
+        try:
+            self.quotas.reserve(Tier.DISK, res.tenant, slot.capacity)
+        except MemoryError:
+            with self._lock:
+                self.blocks.recover(Tier.DISK, name, slot)
+            return False
+        if self.add_copy(res, Tier.DISK, slot):
+            self.events.emit(EventKind.RECOVERED, res.key, Tier.DISK, res.nbytes, res.tenant)
+        return True
 
     # ------------------------------------------------------------------ copies
 
@@ -261,17 +394,21 @@ class HierarchyManager:
 
     # ------------------------------------------------------------------ eviction
 
-    def evict(self, tier: Tier, needed_bytes: int, tenant: str | None = None) -> int:
+    def evict(self, tier: Tier, needed_bytes: int, tenant: str | None = None, *, include_recovered: bool = True) -> int:
         """Free at least ``needed_bytes`` in ``tier`` (of ``tenant`` if given), least recently used first.
 
         Victims come from the block manager's candidate set, O(1) each: never a pinned block, one with a
         migration in flight, or the only copy of a block that others hang under. A redundant copy (another tier
         holds the block) is simply dropped; a leaf's only copy goes with its node, and its parent, now a leaf,
-        is the next victim. Returns the bytes freed.
+        is the next victim. Recovered blocks no request has linked go first (``include_recovered``, and no
+        ``tenant``: they count against no tenant's quota). Returns the bytes freed (on disk: retiring until
+        their records are deleted, see :meth:`allocate_async`).
         """
         freed = 0
         deferred = 0
         with self._lock:
+            if include_recovered and tenant is None:
+                freed = self._evict_recovered(tier, needed_bytes)
             while freed < needed_bytes:
                 res = self.blocks.first_candidate(tier, tenant)
                 if res is None:
@@ -308,8 +445,32 @@ class HierarchyManager:
                 freed += slot.capacity
         return freed
 
+    def _evict_recovered(self, tier: Tier, needed_bytes: int) -> int:
+        """Free recovered, unlinked slots of ``tier``, first victims first, until ``needed_bytes``; the caller
+        holds the lock. They hold no quota, so their slots go straight back to the pool."""
+        freed = deferred = 0
+        pool = self.pools[tier]
+        while freed < needed_bytes:
+            first = self.blocks.first_recovered(tier)
+            if first is None:
+                break
+            name, slot = first
+            if slot.busy or slot.moving:  # defragmentation is moving it
+                if deferred >= self.blocks.num_recovered(tier):
+                    break
+                deferred += 1
+                self.blocks.defer_recovered(tier, name)
+                continue
+            self.blocks.claim_recovered(tier, name)
+            pool.free(slot)
+            self.recovered_evicted += 1
+            self.events.emit(EventKind.EVICTED, name[1], tier, slot.nbytes, "")
+            freed += slot.capacity
+        return freed
+
     def _evict_for_quota(self, pressure: QuotaPressure) -> int:
-        return self.evict(pressure.tier, pressure.needed_bytes, pressure.tenant)
+        # Recovered blocks count against no quota: dropping them relieves none.
+        return self.evict(pressure.tier, pressure.needed_bytes, pressure.tenant, include_recovered=False)
 
     # ------------------------------------------------------------------ index callbacks
 

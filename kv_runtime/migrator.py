@@ -36,7 +36,7 @@ import torch
 from kv_io.cuda import CopyStream, require_cuda, wait_event
 from kv_io.disk_store import BlockWrite, DiskWriteError
 from kv_io.staging import StagingPool
-from kv_runtime.hierarchy import HierarchyManager, Residency, disk_key
+from kv_runtime.hierarchy import REFUSED, WRITE_ERROR, HierarchyManager, Residency, disk_key
 from kv_runtime.pool import DDRPool, DiskPool, HBMPool, Slot, Tier
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,16 @@ class KVMigrator:
                 result.skipped.append(r)
             else:
                 blocks.append(r)
+        if dst is Tier.DISK:
+            # A block computed again whose record survived a restart already has its disk copy: link it.
+            linked = [r for r in blocks if hier.claim_recovered(r)]
+            if linked:
+                result.moved += linked
+                blocks = [r for r in blocks if Tier.DISK not in r.copies]
         if not blocks:
+            if not plan.keep_source:
+                for r in result.moved:
+                    hier.drop_copy(r, src)
             return result
         src_slots = [r.copies[src] for r in blocks]
         while any(s.moving for s in src_slots):  # a disk relocation is in flight: let it finish
@@ -262,11 +271,10 @@ class KVMigrator:
         dst_slots: list[Slot | None] = [None] * n
         busy = [False] * n
         try:
-            if isinstance(dst_pool, DiskPool):
-                await dst_pool.reap()
             for tenant in dict.fromkeys(r.tenant for r in blocks):
                 idx = [i for i, r in enumerate(blocks) if r.tenant == tenant]
-                for i, slot in zip(idx, hier.allocate(dst, [blocks[i].nbytes for i in idx], tenant), strict=True):
+                got = await hier.allocate_async(dst, [blocks[i].nbytes for i in idx], tenant)
+                for i, slot in zip(idx, got, strict=True):
                     dst_slots[i] = slot
             for i, slot in enumerate(dst_slots):
                 dst_pool.acquire_io(slot)
@@ -363,7 +371,10 @@ class KVMigrator:
             try:
                 records = await disk.store.write_many(items[lo:hi])
             except DiskWriteError as exc:
-                log.warning("disk write of %d blocks failed, none of them stored: %s", hi - lo, exc)
+                self.hierarchy.note_failure(Tier.DISK, WRITE_ERROR, hi - lo, exc)
+                return [Outcome.FAILED] * (hi - lo)
+            except ValueError as exc:  # the store refused: a slot or a name still in use (it wrote nothing)
+                self.hierarchy.note_failure(Tier.DISK, REFUSED, hi - lo, exc)
                 return [Outcome.FAILED] * (hi - lo)
             for slot, record in zip(slots[lo:hi], records, strict=True):
                 slot.record = record  # set at once: freeing the slot later deletes the record

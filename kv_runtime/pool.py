@@ -387,8 +387,16 @@ class DiskPool(_ExtentPool):
         # Freed slots whose records are still published: their extents return only after the store deleted
         # the record, so a restart can never find a stale record overlapping a newer block.
         self._retiring: list[Slot] = []
+        # Slots whose record the store failed to delete: their extents stay claimed (reusing them could leave
+        # a record pointing at a newer block); the next reap() tries again.
+        self._undeleted: list[Slot] = []
         self._reaper: asyncio.Task | None = None
+        # One reap at a time: a reap() that returns has deleted every record retired before it was called,
+        # including those another reap had taken off the list and was still deleting.
+        self._reap_lock = asyncio.Lock()
         self.overlapping_records = 0
+        self.delete_errors = 0
+        self._delete_error_logged = False
 
     @classmethod
     async def open(
@@ -429,29 +437,52 @@ class DiskPool(_ExtentPool):
             self._reaper = loop.create_task(self.reap())
 
     async def reap(self) -> int:
-        """Delete the records of freed slots from the store, then return their extents; returns how many."""
+        """Delete the records of freed slots from the store, then return their extents; returns how many.
+
+        When it returns, every slot retired before the call has had its record deleted and its extent returned
+        (or, where the store failed to delete the record, kept claimed and counted in ``delete_errors``): an
+        allocation that evicted can await this and then use the victims' extents.
+        """
         done = 0
-        while True:
+        async with self._reap_lock:
             with self._lock:
-                slot = self._retiring.pop() if self._retiring else None
-            if slot is None:
-                # A background reaper may still be finishing a delete it took off the list: wait for it.
-                reaper = self._reaper
-                if reaper is not None and not reaper.done() and reaper is not asyncio.current_task():
-                    await asyncio.shield(reaper)
+                self._retiring.extend(self._undeleted)
+                self._undeleted.clear()
+            while True:
+                with self._lock:
+                    if not self._retiring:
+                        return done
+                    slot = self._retiring.pop()
+                try:
+                    await self.store.delete(slot.record)
+                except KeyError:
+                    pass  # the store holds no such record (any more): nothing can point at the extent
+                except Exception as exc:
+                    self.delete_errors += 1
+                    if not self._delete_error_logged:
+                        self._delete_error_logged = True
+                        log.warning(
+                            "disk: deleting the record at slab %d offset %d failed; its space stays claimed "
+                            "until a later delete succeeds (further failures are only counted): %s",
+                            slot.arena,
+                            slot.offset,
+                            exc,
+                        )
+                    with self._lock:
+                        self._undeleted.append(slot)
                     continue
-                return done
-            try:
-                await self.store.delete(slot.record)
-            except Exception:
-                log.exception("disk: deleting the record at slab %d offset %d failed", slot.arena, slot.offset)
-            with self._lock:
-                self._arenas[slot.arena].free(slot.offset, slot.capacity)
-            done += 1
+                except BaseException:
+                    with self._lock:
+                        self._retiring.append(slot)  # cancelled mid-delete: a later reap finishes it
+                    raise
+                with self._lock:
+                    self._arenas[slot.arena].free(slot.offset, slot.capacity)
+                done += 1
 
     @property
     def retiring(self) -> int:
-        return len(self._retiring)
+        """Freed slots whose extents are not back yet (records to delete, or whose delete failed)."""
+        return len(self._retiring) + len(self._undeleted)
 
     def location(self, slot: Slot) -> DiskLocation:
         return DiskLocation(slot.arena, slot.offset, slot.capacity)

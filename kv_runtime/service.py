@@ -40,7 +40,8 @@ import torch
 from kv_policy import BlockInfo, CostBenefitModel, LoadPlan, MigrationPolicy, ModelShape, TierLink
 from kv_runtime.budget import ByteBudget
 from kv_runtime.config import KVTierConfig
-from kv_runtime.hierarchy import HierarchyManager, Residency
+from kv_runtime.hierarchy import ERROR, PARENT_EVICTED, HierarchyManager, Residency
+from kv_runtime.hierarchy import NO_ROOM as NO_ROOM_REASON
 from kv_runtime.layout import KVLayout
 from kv_runtime.migrator import KVMigrator, MigrationPlan
 from kv_runtime.pool import DDRPool, DiskPool, PoolFullError, Slot, Tier
@@ -415,7 +416,7 @@ class TierService:
         try:
             return self.hierarchy.allocate(Tier.DDR, [block_bytes] * count, tenant)
         except NO_ROOM as e:
-            log.info("kvtier: not caching %d blocks: %s", count, e)
+            self.hierarchy.note_failure(Tier.DDR, NO_ROOM_REASON, count, e)
             return None
 
     def publish(self, rk: RequestKeys, first: int, slots: Sequence[Slot], tenant: str = "") -> list[BlockNode]:
@@ -424,8 +425,9 @@ class TierService:
         evicted meanwhile: nothing to hang them on, the slots are freed)."""
         try:
             nodes = self.hierarchy.insert(rk, first, Tier.DDR, slots, tenant=tenant, ready=True)
-        except ValueError:
+        except ValueError as e:
             self.abort(slots, tenant)
+            self.hierarchy.note_failure(Tier.DDR, PARENT_EVICTED, len(slots), e)
             return []
         if self.has_disk:
             due = [n.payload for n in nodes if self.policy.on_store(self.block_info(n.payload)).write]
@@ -492,7 +494,10 @@ class TierService:
             try:
                 result = await self.migrator.migrate(MigrationPlan(Tier.DDR, Tier.DISK, todo, keep_source=keep_source))
             except NO_ROOM as e:
-                log.info("kvtier: no room on disk for %d blocks: %s", len(todo), e)
+                self.hierarchy.note_failure(Tier.DISK, NO_ROOM_REASON, len(todo), e)
+                return 0
+            except Exception as e:  # counted, never left to kill a background task without a trace
+                self.hierarchy.note_failure(Tier.DISK, ERROR, len(todo), e)
                 return 0
         if result.moved:
             log.info("kvtier: %d blocks written to disk", len(result.moved))
@@ -584,9 +589,14 @@ class TierService:
     # ================================================================== inspection
 
     def snapshot(self) -> dict[str, Any]:
-        """Tiers, transfers and the cost model, as plain data."""
+        """Tiers, transfers and the cost model, as plain data. ``cache_failures`` counts the blocks each tier
+        could not cache, by reason (``hierarchy.py``: no_room, write_error, refused, parent_evicted, error)."""
+        stats = self.hierarchy.stats()
         return {
-            "blocks": {t.name.lower(): len(self.hierarchy.blocks_in(t)) for t in self.hierarchy.pools},
+            "blocks": stats["blocks"],
+            "cache_failures": stats["cache_failures"],
+            "recovered": stats["recovered"],
+            **({"disk": stats["disk"]} if "disk" in stats else {}),
             "transfers": self.migrator.direction_stats(),
             "cost_model": {
                 "prefill_tflops": self.cost.prefill_flops_per_s / 1e12,
