@@ -13,4 +13,5 @@ BENCHMARKS: dict[str, str] = {
     "prefix": "prefix_reuse.benchmarks.prefix",
     "e2e": "kv_benchmarks.e2e",
     "policy": "kv_policy.benchmarks.policy",
+    "faults": "kv_benchmarks.faults",
 }
