@@ -15,6 +15,9 @@ _EXPORTS = {
     "ConfigError": "kv_pipeline.config",
     "SharedContext": "kv_pipeline.contexts",
     "RequestMetrics": "kv_pipeline.scheduler",
+    "RequestError": "kv_pipeline.requests",
+    "UnknownContextError": "kv_pipeline.requests",
+    "ContextStoreError": "kv_pipeline.requests",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -9,12 +9,17 @@
 ``generate`` streams :class:`GenerationOutput` records, the last one carrying the request's metrics, as
 LMDeploy's and vLLM's async engines stream theirs. Shared contexts are computed once, pinned if asked, and
 reused by name without resending or re-prefilling them; with a disk tier they survive restarts.
+
+Every method checks its inputs first (``kv_pipeline.requests``): a request the engine cannot serve as given
+raises :class:`~kv_pipeline.requests.RequestError` before anything runs; a shared context that cannot be kept
+raises :class:`~kv_pipeline.requests.ContextStoreError` and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
@@ -27,13 +32,20 @@ import torch
 from kv_pipeline.config import KVTierConfig
 from kv_pipeline.contexts import ContextRegistry, SharedContext
 from kv_pipeline.metrics import PipelineMetrics
+from kv_pipeline.requests import (
+    ContextStoreError,
+    RequestError,
+    RequestLimits,
+    RequestValidator,
+    UnknownContextError,
+)
 from kv_pipeline.scheduler import Request, RequestMetrics, Scheduler
 from kv_policy import CostBenefitModel, ModelShape
 from kv_runtime import HierarchyManager, KVMigrator
 from kv_runtime.backends.hf_backend import HFModel
 from kv_runtime.layout import LAYOUT_VERSION
-from kv_runtime.service import TierService
-from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, model_fingerprint
+from kv_runtime.service import NO_ROOM, TierService
+from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, PinnedError, StaleNodeError, model_fingerprint
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -69,6 +81,8 @@ class KVTierEngine:
         self.metrics = PipelineMetrics()
         self._started = False
         self._context_pins: dict[str, list[BlockNode]] = {}
+        # One save or drop at a time per context id; an entry lives while someone holds or waits for it.
+        self._context_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     @classmethod
     def from_pretrained(
@@ -120,9 +134,16 @@ class KVTierEngine:
             device=self.model.device,
             calibrate_prefill=self._calibrate_prefill_tflops,
         )
+        self.validator = RequestValidator(RequestLimits.from_config(self.model.config), self.model.encode)
         self.scheduler = Scheduler(self.model, self.service)
         registry_path = cfg.cache_dir / "contexts.sqlite3" if self.service.has_disk else None
-        self.contexts = ContextRegistry(registry_path, self.namespace.digest)
+        try:
+            self.contexts = ContextRegistry(registry_path, self.namespace.digest)
+        except BaseException:
+            await self.scheduler.close()
+            await self.service.close()
+            raise
+        self.metrics.registry_damaged(len(self.contexts.moved_aside))
         for ctx in self.contexts.all():
             if ctx.expired():
                 self.contexts.delete(ctx.context_id)
@@ -179,23 +200,19 @@ class KVTierEngine:
         temperature: float = 0.0,
         seed: int | None = None,
     ) -> AsyncIterator[GenerationOutput]:
-        """Stream new tokens for ``prompt`` (text, chat messages or token ids), after a shared context if named."""
+        """Stream new tokens for ``prompt`` (text, chat messages or token ids), after a shared context if named.
+
+        Raises :class:`RequestError` for inputs it refuses (see ``kv_pipeline.requests``), among them a prompt
+        whose tokens (the shared context's included) plus ``max_new_tokens`` exceed the model's context length,
+        and :class:`UnknownContextError` for a shared context that does not exist (or expired)."""
         self._require_started()
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tokens = self.model.encode(prompt)
-        if shared_context_id is not None:
-            ctx = self.get_shared_context(shared_context_id)
-            if ctx is None:
-                raise KeyError(f"no shared context named {shared_context_id!r}")
-            tokens = list(ctx.tokens) + tokens
-        req = Request(
-            tokens=tokens,
+        req = self._request(
+            prompt,
             max_new_tokens=max_new_tokens,
-            context=session_id,
+            shared_context_id=shared_context_id,
+            session_id=session_id,
             temperature=temperature,
             seed=seed,
-            stop_token=self.model.tokenizer.eos_token_id,
         )
         index = 0
         pending: int | None = None
@@ -207,29 +224,66 @@ class KVTierEngine:
                     yield GenerationOutput(pending, self.model.tokenizer.decode([pending]), index, False)
                     index += 1
                 pending = token
-        self.metrics.record(req.metrics, session_id)
+        self.metrics.record(req.metrics, req.context)
         if pending is not None:
             text = self.model.tokenizer.decode([pending])
             yield GenerationOutput(pending, text, index, True, req.metrics)
 
     async def prefill(self, prompt: Prompt, *, session_id: str = "default") -> RequestMetrics:
         """Process a prompt and cache its blocks without streaming; returns the request's metrics."""
-        outputs = [out async for out in self.generate(prompt, max_new_tokens=1, session_id=session_id)]
-        metrics = outputs[-1].metrics
-        assert metrics is not None
-        return metrics
+        self._require_started()
+        return (await self._run(self._request(prompt, max_new_tokens=1, session_id=session_id))).metrics
 
     async def prompt_logits(
         self, prompt: Prompt, *, session_id: str = "default"
     ) -> tuple[torch.Tensor, RequestMetrics]:
         """The logits after the prompt's last token, computed through the cache (restored prefix + the rest)."""
         self._require_started()
-        req = Request(tokens=self.model.encode(prompt), max_new_tokens=1, context=session_id, keep_logits=True)
-        async for _ in self.scheduler.generate(req):
-            pass
-        self.metrics.record(req.metrics, session_id)
+        req = await self._run(self._request(prompt, max_new_tokens=1, session_id=session_id, keep_logits=True))
         assert req.logits is not None
         return req.logits, req.metrics
+
+    def _request(
+        self,
+        prompt: Any,
+        *,
+        max_new_tokens: Any,
+        session_id: Any,
+        shared_context_id: Any = None,
+        temperature: Any = 0.0,
+        seed: Any = None,
+        keep_logits: bool = False,
+    ) -> Request:
+        """A checked request: every argument validated (``RequestError``), the shared context's tokens first."""
+        check = self.validator
+        session = check.identifier(session_id, "session_id")
+        max_new = check.max_new_tokens(max_new_tokens)
+        temperature = check.temperature(temperature)
+        seed = check.seed(seed)
+        tokens = check.prompt(prompt)
+        if shared_context_id is not None:
+            ctx = self.get_shared_context(shared_context_id)
+            if ctx is None:
+                raise UnknownContextError(f"no shared context named {shared_context_id!r}")
+            tokens = list(ctx.tokens) + tokens
+        check.fits(len(tokens), max_new)
+        return Request(
+            tokens=tokens,
+            max_new_tokens=max_new,
+            context=session,
+            temperature=temperature,
+            seed=seed,
+            stop_token=self.model.tokenizer.eos_token_id,
+            keep_logits=keep_logits,
+        )
+
+    async def _run(self, req: Request) -> Request:
+        """Run a request to its end without streaming; its metrics are recorded under its session."""
+        async with contextlib.aclosing(self.scheduler.generate(req)) as tokens_out:
+            async for _ in tokens_out:
+                pass
+        self.metrics.record(req.metrics, req.context)
+        return req
 
     # ------------------------------------------------------------------ shared contexts
 
@@ -237,36 +291,80 @@ class KVTierEngine:
         self, context_id: str, content: Prompt, *, pin: bool = True, ttl: float | None = None
     ) -> SharedContext:
         """Compute and store a prefix once under ``context_id``; ``pin`` keeps it from eviction, ``ttl``
-        (seconds) expires it. Pinned contexts are written to the disk tier so they survive restarts."""
+        (seconds) expires it. Pinned contexts are written to the disk tier so they survive restarts.
+
+        Saving an id again replaces that context once the new one is stored; saves (and drops) of one id run
+        one at a time, in the order they were called. Raises :class:`RequestError` for bad inputs (a context
+        needs at least one full block and must leave room in the model's context length for one more token),
+        :class:`ContextStoreError` when the context does not fit the cache or its disk copy could not be
+        written. A save that fails or is cancelled leaves no pin and no record; a context it was replacing is
+        kept as it was."""
         self._require_started()
-        if not context_id:
-            raise ValueError("a shared context needs a non-empty id")
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be positive seconds, got {ttl}")
-        tokens = self.model.encode(content)
+        check = self.validator
+        context_id = check.identifier(context_id, "context_id")
+        pin = check.flag(pin, "pin")
+        ttl = check.ttl(ttl)
+        tokens = check.prompt(content, "content")
         if len(tokens) < self.config.block_size:
-            raise ValueError(
+            raise RequestError(
                 f"a shared context needs at least one full block ({self.config.block_size} tokens), got {len(tokens)}"
             )
-        if context_id in self._context_pins:
-            await self.drop_shared_context(context_id)
-        await self.prefill(tokens, session_id=f"context:{context_id}")
-        await self.scheduler.drain()
-        rk = self.keyer.request(tokens)
-        nodes = self.hierarchy.match(rk)
-        if len(nodes) < rk.num_blocks:
-            raise RuntimeError(
-                f"shared context {context_id!r} does not fit the cache: {len(nodes)} of {rk.num_blocks} blocks stored"
-            )
-        now = time.time()
-        ctx = SharedContext(context_id, tuple(tokens), pin, now, now + ttl if ttl is not None else None)
-        if pin:
-            self.hierarchy.index.pin(nodes)
-            self._context_pins[context_id] = nodes
-            if self.service.has_disk:
-                await self.service.persist([n.payload for n in nodes])
-        self.contexts.put(ctx)
+        check.fits(len(tokens), 1)
+        async with self._context_lock(context_id):
+            return await self._save_context(context_id, tokens, pin, ttl)
+
+    async def _save_context(self, context_id: str, tokens: list[int], pin: bool, ttl: float | None) -> SharedContext:
+        pinned: list[BlockNode] = []
+        try:
+            await self._run(Request(tokens=tokens, max_new_tokens=1, context=f"context:{context_id}"))
+            await self.scheduler.drain()
+            rk = self.keyer.request(tokens)
+            nodes = self.hierarchy.match(rk)
+            if len(nodes) < rk.num_blocks:
+                raise ContextStoreError(
+                    f"shared context {context_id!r} does not fit the cache: {len(nodes)} of {rk.num_blocks} "
+                    "blocks stored"
+                )
+            now = time.time()
+            ctx = SharedContext(context_id, tuple(tokens), pin, now, now + ttl if ttl is not None else None)
+            if pin:
+                # NOTE: no await between the match and the pin: nothing on this loop can evict the blocks
+                # in between (the index refuses a pin on a node that left it anyway).
+                self.hierarchy.index.pin(nodes)
+                pinned = nodes
+                if self.service.has_disk:
+                    await self.service.persist([n.payload for n in nodes])
+            self.contexts.put(ctx)
+        except BaseException as e:
+            if pinned:
+                self.hierarchy.index.unpin(pinned)
+            if isinstance(e, (*NO_ROOM, StaleNodeError, PinnedError)):
+                raise ContextStoreError(f"shared context {context_id!r} does not fit the cache: {e}") from e
+            if isinstance(e, (OSError, sqlite3.Error)):
+                raise ContextStoreError(f"shared context {context_id!r} could not be stored: {e}") from e
+            raise
+        # The new context is in place: only now does the one it replaces lose its pins.
+        previous = self._context_pins.pop(context_id, None)
+        if previous:
+            self.hierarchy.index.unpin(previous)
+        if pinned:
+            self._context_pins[context_id] = pinned
         return ctx
+
+    @contextlib.asynccontextmanager
+    async def _context_lock(self, context_id: str) -> AsyncIterator[None]:
+        entry = self._context_locks.get(context_id)
+        if entry is None:
+            entry = self._context_locks[context_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._context_locks[context_id]
 
     def _pin_context(self, ctx: SharedContext) -> None:
         nodes = self.hierarchy.match(self.keyer.request(np.asarray(ctx.tokens, dtype=np.int32)))
@@ -275,7 +373,9 @@ class KVTierEngine:
             self._context_pins[ctx.context_id] = nodes
 
     def get_shared_context(self, context_id: str) -> SharedContext | None:
+        """The live context named ``context_id``, or None (never saved, dropped or expired)."""
         self._require_started()
+        context_id = self.validator.identifier(context_id, "context_id")
         ctx = self.contexts.get(context_id)
         if ctx is not None and ctx.expired():
             self._forget_context(context_id)
@@ -293,10 +393,10 @@ class KVTierEngine:
         return live
 
     def shared_context_info(self, context_id: str) -> dict[str, Any]:
-        """A context's record plus where its blocks are now."""
+        """A context's record plus where its blocks are now; :class:`UnknownContextError` if there is none."""
         ctx = self.get_shared_context(context_id)
         if ctx is None:
-            raise KeyError(f"no shared context named {context_id!r}")
+            raise UnknownContextError(f"no shared context named {context_id!r}")
         nodes = self.hierarchy.match(self.keyer.request(np.asarray(ctx.tokens, dtype=np.int32)))
         tiers: dict[str, int] = {}
         for node in nodes:
@@ -312,9 +412,12 @@ class KVTierEngine:
         }
 
     async def drop_shared_context(self, context_id: str) -> bool:
-        """Forget a context; its blocks lose their pin and age out like any other."""
+        """Forget a context (after a save of the same id in progress); its blocks lose their pin and age out
+        like any other. False if there was none."""
         self._require_started()
-        return self._forget_context(context_id)
+        context_id = self.validator.identifier(context_id, "context_id")
+        async with self._context_lock(context_id):
+            return self._forget_context(context_id)
 
     def _forget_context(self, context_id: str) -> bool:
         nodes = self._context_pins.pop(context_id, None)

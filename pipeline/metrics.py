@@ -2,12 +2,17 @@
 
 TTFT percentiles are kept per context as well as overall, so fairness across sessions is visible: a context
 whose p99 runs away from the others is being starved.
+
+Per-context records are bounded: every distinct session id would otherwise grow memory and the snapshot for
+the life of the process. The :data:`MAX_CONTEXTS` most recently recorded contexts are kept (least recently
+recorded dropped first), each with its last :data:`CONTEXT_WINDOW` TTFTs; the totals, plan and reuse counts
+and the Prometheus collectors are exact whatever the number of contexts.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Hashable
 from typing import Any
 
@@ -17,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from kv_pipeline.scheduler import RequestMetrics
 
+MAX_CONTEXTS = 256  # per-context TTFT records kept (the most recently recorded contexts)
+CONTEXT_WINDOW = 256  # TTFTs kept per context
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -30,12 +37,23 @@ def _pcts(values: Any) -> dict[str, float]:
 class PipelineMetrics:
     """Thread-safe aggregation of :class:`RequestMetrics`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, window: int = 4096) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        window: int = 4096,
+        max_contexts: int = MAX_CONTEXTS,
+        context_window: int = CONTEXT_WINDOW,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         self._window = window
+        self._max_contexts = max_contexts
+        self._context_window = context_window
         self._ttft: deque[float] = deque(maxlen=window)
-        self._ttft_by_context: dict[Hashable, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self._ttft_by_context: OrderedDict[Hashable, deque[float]] = OrderedDict()  # least recently recorded first
+        self._contexts_dropped = 0
+        self._events: dict[str, int] = defaultdict(int)
         self._totals: dict[str, float] = defaultdict(float)
         self._plans: dict[str, int] = defaultdict(int)
         self._reused: dict[str, int] = defaultdict(int)
@@ -51,6 +69,11 @@ class PipelineMetrics:
         self._load_misses = Counter(
             "kvtier_load_misses", "Blocks that failed verification on load", registry=self.registry
         )
+        self._registry_damaged = Counter(
+            "kvtier_context_registry_damaged",
+            "Damaged shared-context registries moved aside and replaced by an empty one",
+            registry=self.registry,
+        )
 
     def record(self, m: RequestMetrics, context: Hashable) -> None:
         self._requests.labels(plan=m.plan).inc()
@@ -62,7 +85,15 @@ class PipelineMetrics:
             self._reused_tokens.labels(tier=tier).inc(n)
         with self._lock:
             self._ttft.append(m.ttft_ms)
-            self._ttft_by_context[context].append(m.ttft_ms)
+            per_context = self._ttft_by_context.get(context)
+            if per_context is None:
+                per_context = self._ttft_by_context[context] = deque(maxlen=self._context_window)
+                while len(self._ttft_by_context) > self._max_contexts:
+                    self._ttft_by_context.popitem(last=False)
+                    self._contexts_dropped += 1
+            else:
+                self._ttft_by_context.move_to_end(context)
+            per_context.append(m.ttft_ms)
             self._plans[m.plan] += 1
             for tier, n in m.reused_tokens.items():
                 self._reused[tier] += n
@@ -70,12 +101,23 @@ class PipelineMetrics:
                 self._totals[name] += getattr(m, name)
             self._totals["requests"] += 1
 
+    def registry_damaged(self, count: int = 1) -> None:
+        """``count`` damaged shared-context registries were moved aside at start."""
+        if count:
+            self._registry_damaged.inc(count)
+            with self._lock:
+                self._events["context_registry_damaged"] += count
+
     def snapshot(self) -> dict[str, Any]:
+        """Plain data. ``ttft_ms_by_context`` holds the most recently recorded contexts only (at most
+        ``MAX_CONTEXTS``); ``contexts_dropped`` counts those dropped from it to keep it bounded."""
         with self._lock:
             return {
                 "requests": int(self._totals["requests"]),
                 "ttft_ms": _pcts(self._ttft),
                 "ttft_ms_by_context": {str(c): _pcts(v) for c, v in self._ttft_by_context.items()},
+                "contexts_dropped": self._contexts_dropped,
+                "context_registry_damaged": self._events["context_registry_damaged"],
                 "plan_counts": dict(self._plans),
                 "reused_tokens": dict(self._reused),
                 "totals": {k: v for k, v in self._totals.items() if k != "requests"},

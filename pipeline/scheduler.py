@@ -166,7 +166,11 @@ class Scheduler:
     def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
         if temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits / temperature, dim=-1)
+        # NOTE: shifted by the maximum and in float64 first, so that any finite temperature, however small,
+        # gives a distribution (logits / 1e-300 in float32 is inf - inf = NaN for softmax; shifted, the best
+        # token's 0 stays 0 and the others go to -inf).
+        shifted = logits.double() - logits.max().double()
+        probs = torch.softmax(shifted / temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
 
     async def _prefill(

@@ -146,7 +146,7 @@ async def test_context_too_large_for_the_tiers(make_engine):
 
 async def test_bad_context_inputs(make_engine):
     async with make_engine() as engine:
-        with pytest.raises(ValueError, match="non-empty id"):
+        with pytest.raises(ValueError, match="context_id must be a non-empty str"):
             await engine.save_shared_context("", prompt(BLOCK))
         for ttl in (0, -1.5):
             with pytest.raises(ValueError, match="ttl"):
