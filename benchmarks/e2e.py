@@ -14,6 +14,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from kv_benchmarks.args import positive_float, positive_int
 from kv_benchmarks.report import Report
 
 FULL = dict(sessions=6, turns=4, system_tokens=512, document_tokens=2048, turn_tokens=256)
@@ -33,10 +34,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default="qwen2-tiny", help="shape of the built model (kv_benchmarks.models)")
     parser.add_argument("--work-dir", type=Path, default=Path("kvtier-work"), help="built model and caches")
     for name in FULL:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {FULL[name]} ({QUICK[name]} quick)")
-    parser.add_argument("--block-size", type=int, default=64)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=positive_int, help=f"default {FULL[name]} ({QUICK[name]} quick)"
+        )
+    parser.add_argument("--block-size", type=positive_int, default=64)
     parser.add_argument(
-        "--ddr-sessions", type=float, default=1.0, help="DDR capacity in sessions' worth of final-turn KV"
+        "--ddr-sessions", type=positive_float, default=1.0, help="DDR capacity in sessions' worth of final-turn KV"
     )
     parser.add_argument("--write-mode", default="write-back", choices=["write-back", "write-through", "selective"])
     parser.add_argument("--seed", type=int, default=0)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kv_benchmarks.args import positive_float, positive_int
 from kv_benchmarks.report import Report
 
 NEW_TOKENS = 128
@@ -62,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", help=f"default {value} ({QUICK[name]} quick)")
     parser.add_argument("--lmdeploy-shape", default="qwen2-7b", help="shape of the built model")
-    parser.add_argument("--ddr-gib", type=float, default=40.0, help="kvtier DDR tier (pinned host memory)")
-    parser.add_argument("--disk-gib", type=float, default=40.0, help="kvtier disk tier")
-    parser.add_argument("--concurrency", type=int, default=2, help="clients of the multi-tenant workload")
+    parser.add_argument("--ddr-gib", type=positive_float, default=40.0, help="kvtier DDR tier (pinned host memory)")
+    parser.add_argument("--disk-gib", type=positive_float, default=40.0, help="kvtier disk tier")
+    parser.add_argument("--concurrency", type=positive_int, default=2, help="clients of the multi-tenant workload")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"what to measure, of {','.join(PARTS)}")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="combine reports of earlier runs")
 

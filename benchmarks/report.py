@@ -1,7 +1,7 @@
 """One writer for every benchmark: ``NAME.json``, ``NAME.csv`` and ``NAME.md`` in the output directory.
 
 The JSON always carries ``env`` (machine, GPU, versions), ``reference`` (the baseline measured in the same run)
-and ``metrics`` (the figures under the names the issues give), so results from different machines compare.
+and ``metrics`` (the figures under the names their bars use), so results from different machines compare.
 """
 
 from __future__ import annotations

@@ -10,12 +10,15 @@ import logging
 import os
 
 LOG_LEVEL_ENV = "KVTIER_LOG_LEVEL"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PACKAGES = ("prefix_reuse", "kv_runtime", "kv_policy", "kv_io", "kv_pipeline", "kv_benchmarks")
 
 
 def log_to_stderr(level: str | None = None) -> None:
     """Send kvtier's packages' logs to stderr at ``level`` (default: the environment's, else WARNING)."""
     level = (level or os.environ.get(LOG_LEVEL_ENV) or "WARNING").upper()
+    if level not in LEVELS:
+        raise ValueError(f"log level: expected one of {', '.join(LEVELS)}, got {level!r} (from {LOG_LEVEL_ENV}?)")
     os.environ[LOG_LEVEL_ENV] = level
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

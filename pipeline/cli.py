@@ -9,12 +9,46 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from kv_benchmarks import BENCHMARKS
+from kv_benchmarks.args import positive_float, positive_int
 from kv_benchmarks.report import DEFAULT_OUT, write_report
-from kv_runtime.logs import log_to_stderr
+from kv_runtime.logs import LEVELS, log_to_stderr
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LEVELS)}, got {text!r}")
+    return level
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why ``path`` cannot take a report (None: it can), checked before a run rather than after it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"cannot write to {path}: {e.strerror or e}"
+    return None
+
+
+def _user_error(error: BaseException) -> bool:
+    """A mistake in what the user asked for (settings, paths, a busy cache), reported in one line: the
+    documented error types of the packages that were loaded to run the command."""
+    kinds: list[type] = []
+    for module, names in (
+        ("kv_runtime.config", ("ConfigError",)),
+        ("kv_io.private_files", ("UnsafePathError",)),
+        ("kv_io.disk_store", ("StoreLockedError", "DiskCapacityError")),
+    ):
+        loaded = sys.modules.get(module)
+        kinds += [getattr(loaded, n) for n in names if loaded is not None and hasattr(loaded, n)]
+    return isinstance(error, tuple(kinds))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvtier", description="Tiered KV-cache runtime for LLM inference (HBM, pinned DDR, NVMe)."
     )
     parser.add_argument(
-        "--log-level", default="WARNING", help="level of kvtier's own log lines (INFO: hits, loads, disk writes)"
+        "--log-level",
+        type=_log_level,
+        default="WARNING",
+        help=f"level of kvtier's own log lines: {', '.join(LEVELS)} (INFO: hits, loads, disk writes)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser("demo", help="the main job: a multi-session long-context workload with and without kvtier")
@@ -55,24 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disk-bytes", help="disk tier size, e.g. 200GiB (0: no disk tier)")
     serve.add_argument("--cache-dir", type=Path, help="directory of the disk tier")
     serve.add_argument("--write-mode", choices=["write-through", "selective"], help="when blocks go to disk")
-    serve.add_argument("--block-size", type=int, help="tokens per block (LMDeploy's block_size)")
+    serve.add_argument("--block-size", type=positive_int, help="tokens per block (LMDeploy's block_size)")
     serve.add_argument("--dtype", help="model dtype: auto, bfloat16, float16")
-    serve.add_argument("--prefill-tflops", type=float, help="the cost model's prior for prefill throughput")
-    serve.add_argument("--session-len", type=int, help="longest prompt plus output, in tokens")
-    serve.add_argument("--cache-max-entry-count", type=float, help="share of free GPU memory for LMDeploy's KV")
+    serve.add_argument("--prefill-tflops", type=positive_float, help="the cost model's prior for prefill throughput")
+    serve.add_argument("--session-len", type=positive_int, help="longest prompt plus output, in tokens")
+    serve.add_argument(
+        "--cache-max-entry-count", type=positive_float, help="share of free GPU memory for LMDeploy's KV"
+    )
     serve.add_argument("--server-name", default="0.0.0.0")
-    serve.add_argument("--server-port", type=int, default=23333)
+    serve.add_argument("--server-port", type=positive_int, default=23333)
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
     """Start LMDeploy's OpenAI-compatible server on its PyTorch engine with kvtier's connector installed."""
     from kv_pipeline.config import KVTierConfig
-    from kv_pipeline.lmdeploy_engine import engine_config
-    from kv_runtime.backends.lmdeploy_connector import install
-
-    install()
-    from lmdeploy.serve.openai.api_server import serve as lmdeploy_serve
 
     overrides = {
         "ddr_bytes": args.ddr_bytes,
@@ -83,7 +117,15 @@ def serve(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "prefill_tflops": args.prefill_tflops,
     }
+    # The settings are checked before LMDeploy is even imported: a mistake costs no engine start.
     config = KVTierConfig.load(args.config, preset=args.preset, model=args.model, engine="lmdeploy", **overrides)
+    config.check_engine("lmdeploy")
+    from kv_pipeline.lmdeploy_engine import engine_config
+    from kv_runtime.backends.lmdeploy_connector import install
+
+    install()
+    from lmdeploy.serve.openai.api_server import serve as lmdeploy_serve
+
     options = {"session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count}
     backend_config = engine_config(config, **{k: v for k, v in options.items() if v is not None})
     lmdeploy_serve(
@@ -97,8 +139,21 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     log_to_stderr(args.log_level)
+    if args.command in ("demo", "bench") and (problem := _writable_dir(args.out)):
+        parser.error(f"--out: {problem}")
+    try:
+        return _run(args)
+    except Exception as e:
+        if not _user_error(e) or args.log_level == "DEBUG":
+            raise
+        print(f"kvtier: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from kv_benchmarks import demo
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kv_benchmarks.args import positive_int
 from kv_benchmarks.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,16 +28,18 @@ FLAGSHIP = "kvtier-prefix"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", type=Path, default=None, help=f"Mooncake-format JSONL (default {SHARED_TRACE})")
-    parser.add_argument("--block-tokens", type=int, default=512, help="tokens per hash id of the trace")
+    parser.add_argument("--block-tokens", type=positive_int, default=512, help="tokens per hash id of the trace")
     parser.add_argument("--capacities", default="2000,5000,20000", help="comma-separated capacities in blocks")
     parser.add_argument(
-        "--bytes-per-token", type=int, default=57344, help="KV bytes per token (default: Qwen2-7B shape, bf16)"
+        "--bytes-per-token", type=positive_int, default=57344, help="KV bytes per token (default: Qwen2-7B shape, bf16)"
     )
-    parser.add_argument("--disk-factor", type=int, default=4, help="disk capacity as a multiple of DDR's")
+    parser.add_argument("--disk-factor", type=positive_int, default=4, help="disk capacity as a multiple of DDR's")
     parser.add_argument(
         "--migration", default="write-back", choices=("write-through", "write-back", "selective"), help="two-tier"
     )
-    parser.add_argument("--synthetic-requests", type=int, default=4000, help="size of the generated fallback trace")
+    parser.add_argument(
+        "--synthetic-requests", type=positive_int, default=4000, help="size of the generated fallback trace"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

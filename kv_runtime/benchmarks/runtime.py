@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kv_benchmarks.args import positive_int
 from kv_benchmarks.report import Report
 
 QWEN2_7B = {
@@ -48,25 +49,39 @@ QWEN2_7B = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="blocks per HBM<->DDR batch")
-    parser.add_argument("--disk-blocks", type=int, default=None, help="blocks per disk transfer")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per figure (median kept)")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=None, help="blocks per HBM<->DDR batch")
+    parser.add_argument("--disk-blocks", type=positive_int, default=None, help="blocks per disk transfer")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions per figure (median kept)")
     parser.add_argument("--disk-dir", type=Path, default=None, help="directory for slab files (a real disk)")
-    parser.add_argument("--pool-mib", type=int, default=None, help="DDR arena size for the churn")
-    parser.add_argument("--disk-groups", type=int, default=None, help="concurrent store calls per disk migration")
+    parser.add_argument("--pool-mib", type=positive_int, default=None, help="DDR arena size for the churn")
+    parser.add_argument(
+        "--disk-groups", type=positive_int, default=None, help="concurrent store calls per disk migration"
+    )
     parser.add_argument(
         "--file-io", choices=("auto", "posix", "kvikio"), default="auto", help="the disk store's file engine"
     )
-    parser.add_argument("--io-threads", type=int, default=None, help="the file engine's threads (default: its own)")
     parser.add_argument(
-        "--io-chunk-mib", type=int, default=None, help="the file engine's request size in MiB (default: its own)"
+        "--io-threads", type=positive_int, default=None, help="the file engine's threads (default: its own)"
     )
     parser.add_argument(
-        "--evict-blocks", type=int, default=None, help="blocks in the DDR tier for the eviction figure (full: 1M)"
+        "--io-chunk-mib",
+        type=positive_int,
+        default=None,
+        help="the file engine's request size in MiB (default: its own)",
+    )
+    parser.add_argument(
+        "--evict-blocks",
+        type=positive_int,
+        default=None,
+        help="blocks in the DDR tier for the eviction figure (full: 1M)",
     )
     parser.add_argument("--evict-pinned", type=int, default=None, help="of those, pinned (full: 100K)")
-    parser.add_argument("--evict-calls", type=int, default=None, help="timed evictions of one block (full: 2000)")
-    parser.add_argument("--evict-chain", type=int, default=16, help="blocks per request chain in the eviction figure")
+    parser.add_argument(
+        "--evict-calls", type=positive_int, default=None, help="timed evictions of one block (full: 2000)"
+    )
+    parser.add_argument(
+        "--evict-chain", type=positive_int, default=16, help="blocks per request chain in the eviction figure"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

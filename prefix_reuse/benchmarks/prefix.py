@@ -19,16 +19,19 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from kv_benchmarks.args import positive_int
 from kv_benchmarks.report import Report
 
 VOCAB = 150_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--block-size", type=int, default=64, help="tokens per block (LMDeploy's default: 64)")
-    parser.add_argument("--index-blocks", type=int, default=1_000_000, help="blocks in the index for the 128K lookup")
-    parser.add_argument("--lookup-tokens", type=int, default=131_072, help="length of the headline lookup")
-    parser.add_argument("--repeats", type=int, default=300, help="timed repetitions of the headline lookup")
+    parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per block (LMDeploy's default: 64)")
+    parser.add_argument(
+        "--index-blocks", type=positive_int, default=1_000_000, help="blocks in the index for the 128K lookup"
+    )
+    parser.add_argument("--lookup-tokens", type=positive_int, default=131_072, help="length of the headline lookup")
+    parser.add_argument("--repeats", type=positive_int, default=300, help="timed repetitions of the headline lookup")
     parser.add_argument("--seed", type=int, default=0)
 
 

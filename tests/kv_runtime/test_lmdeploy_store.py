@@ -47,6 +47,7 @@ class Stores:
         self.model = tmp_path / "qwen2-tiny"
         self.model.mkdir()
         (self.model / "config.json").write_text(json.dumps(CONFIG))
+        (self.model / "model.safetensors").write_bytes(b"weights")  # the store hashes them into the model's identity
         self.cache_dir = tmp_path / "cache"
         self.open: list[LMDeployStore] = []
 
