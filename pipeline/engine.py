@@ -44,8 +44,9 @@ from kv_policy import CostBenefitModel, ModelShape
 from kv_runtime import HierarchyManager, KVMigrator
 from kv_runtime.backends.hf_backend import HFModel
 from kv_runtime.layout import LAYOUT_VERSION
+from kv_runtime.model_identity import model_identity
 from kv_runtime.service import NO_ROOM, TierService
-from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, PinnedError, StaleNodeError, model_fingerprint
+from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, PinnedError, StaleNodeError
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -118,7 +119,7 @@ class KVTierEngine:
         )
         layout = self.model.layout
         self.namespace = KeyNamespace(
-            model_id=model_fingerprint(Path(cfg.model)),
+            model_id=model_identity(cfg),
             kv_dtype=str(layout.dtype).removeprefix("torch."),
             block_size=cfg.block_size,
             quant_policy="none",
