@@ -1,21 +1,36 @@
-"""The disk tier's bytes: preallocated slab files holding blocks, and a SQLite (WAL) table saying which are
-published. It survives restarts: a new process that opens the directory finds every published block.
+"""The disk tier's bytes: slab files holding blocks, and a SQLite (WAL) table saying which are published. It
+survives restarts: a new process that opens the directory finds every published block.
 
-Directory layout (the directory is 0o700, every file in it 0o600)::
+Directory layout (the directory is 0o700, every file in it 0o600; see `kv_io.private_files`)::
 
     manifest.json       format version and geometry (slab size, slab count), written atomically
     index.sqlite3       one row per published block (+ -wal / -shm while open)
-    slab-00000.bin ...  preallocated slab files; a block occupies one ALIGN-aligned slot of a slab
+    slab-00000.bin ...  slab files, created and preallocated on the first write into them; a block occupies
+                        one ALIGN-aligned slot of a slab
     lock                flock'd while a process has the store open (one writer per directory)
 
 Which slot a block goes to is the caller's decision (the runtime's disk allocator); the store checks that a
 slot is in range, aligned, large enough and does not overlap a published block or a write in flight.
+
+The directory is a trust boundary: it is checked by `ensure_private_dir`, and every file kvtier opens there
+goes through `open_private` (never follows a symlink, refuses another user's or a shared file); the SQLite
+files, which SQLite opens itself, are checked with `check_private_file` first.
+
+Space: `open` refuses (`DiskCapacityError`) a size the filesystem cannot hold before it creates anything, and
+a slab file is created and preallocated only when the first write lands in it, so a small cache makes few
+files. A preallocation that fails (ENOSPC, EFBIG) removes what it created and fails that write
+(`DiskWriteError`); it never stops the store.
 
 Crash safety rests on one ordering: a block's header and payload are written and made durable (fdatasync of
 the slab) *before* its row is committed, and SQLite commits with synchronous=FULL. A process killed at any
 point therefore leaves either a committed row whose bytes are on disk, or no row at all: torn writes are never
 published. Every read verifies the header (magic, version, namespace, key, length, header checksum) and the
 payload checksum, so a corrupt, truncated or reused slot is a miss, never wrong KV.
+
+Metadata heals itself: every slot carries a self-describing, checksummed header, so the index is a cache of
+what the slabs hold. An index that SQLite cannot read or whose schema is not this one, and a manifest that is
+not a JSON object of this format, are moved aside (`<name>.damaged-<unix time>`), and the index is rebuilt by
+walking the slab files (`_scan_slab`). Only a readable manifest with other settings is an error.
 """
 
 from __future__ import annotations
@@ -28,7 +43,9 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +55,13 @@ import aiofiles
 import orjson
 import torch
 
-from kv_io.align import ALIGN, aligned_empty
+from kv_io.align import ALIGN, aligned_empty, round_up
 from kv_io.disk_format import (
     FORMAT_VERSION,
     HEADER_BYTES,
+    MAGIC,
     MAX_NAME_BYTES,
+    BlockHeader,
     CorruptBlockError,
     as_bytes_view,
     block_capacity,
@@ -51,6 +70,7 @@ from kv_io.disk_format import (
     payload_checksum,
 )
 from kv_io.file_io import FileIO, Transfer, first_error, make_file_io, settle
+from kv_io.private_files import check_private_file, ensure_private_dir, open_private, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +78,14 @@ MANIFEST_NAME = "manifest.json"
 DB_NAME = "index.sqlite3"
 LOCK_NAME = "lock"
 FORMAT_NAME = "kvtier-disk-store"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
+DAMAGED_TAG = ".damaged-"
+"""A damaged metadata file is renamed to `<name>.damaged-<unix time>` (kept for inspection, never read again)."""
+RESERVE_MIN_BYTES = 64 << 20
+RESERVE_MAX_BYTES = 1 << 30
+"""Free space `open` leaves to the rest of the filesystem: 1% of it, within these bounds (the index, logs and
+other programs need room too; a cache that fills its filesystem to the last byte breaks more than itself)."""
+_SCAN_CHUNK = 16 << 20
+"""Bytes a rebuild reads from a slab at a time."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -74,6 +100,7 @@ CREATE TABLE IF NOT EXISTS blocks (
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS blocks_slot ON blocks (slab, offset);
 """
+_SELECT_ROWS = "SELECT namespace, key, slab, offset, capacity, length, checksum FROM blocks ORDER BY slab, offset"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +135,11 @@ class DiskWriteError(Exception):
     """A write could not be made durable (ENOSPC, EFBIG, EIO, ...). Nothing of it was published."""
 
 
+class DiskCapacityError(ValueError):
+    """The requested store is larger than its filesystem's free space (less a reserve). Raised by `open`
+    before anything is created."""
+
+
 class StoreLockedError(RuntimeError):
     """Another open DiskStore (in this or another process) holds the directory."""
 
@@ -129,15 +161,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _private_opener(path: str, flags: int) -> int:
-    return os.open(path, flags, FILE_MODE)
-
-
 async def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write a small JSON file so that readers see the old or the new content, never a mix: temp file, fsync,
     rename over the target, fsync the directory (the rename itself must be durable too)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    async with aiofiles.open(tmp, "wb", opener=_private_opener) as f:
+    async with aiofiles.open(tmp, "wb", opener=private_opener) as f:
         await f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         await f.flush()
         await asyncio.to_thread(os.fsync, f.fileno())
@@ -146,7 +174,10 @@ async def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 async def read_json(path: Path) -> dict[str, Any]:
-    async with aiofiles.open(path, "rb") as f:
+    """A JSON object from `path` (opened with `open_private`'s checks). Raises ValueError (orjson's
+    JSONDecodeError is one) when the file is not valid JSON or not an object, UnsafePathError for a path
+    kvtier refuses."""
+    async with aiofiles.open(path, "rb", opener=private_opener) as f:
         data = orjson.loads(await f.read())
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a JSON object")
@@ -277,6 +308,189 @@ def _sum_read(
             sums[i] = payload_checksum(payload.cpu() if isinstance(payload, torch.Tensor) else payload)
 
 
+# -- space -----------------------------------------------------------------------------------------------------
+
+
+def _slab_name(slab: int) -> str:
+    return f"slab-{slab:05d}.bin"
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists: where the filesystem a new directory would land on is."""
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _reserve_bytes(fs: os.statvfs_result) -> int:
+    return min(RESERVE_MAX_BYTES, max(RESERVE_MIN_BYTES, fs.f_blocks * fs.f_frsize // 100))
+
+
+def _check_capacity(directory: Path, slab_bytes: int, num_slabs: int, slab_name: Callable[[int], str]) -> None:
+    """Raise DiskCapacityError unless the filesystem holding `directory` has room for the slabs that do not
+    exist yet (and the missing tails of short ones), plus a reserve. Looks only (lstat, statvfs): it runs before
+    anything is created, and follows no link.
+
+    NOTE: this is a check, not a reservation: slabs are allocated lazily, so space taken by others later makes
+    a write fail (DiskWriteError), never the store.
+    """
+    requested = slab_bytes * num_slabs
+    where = _existing_ancestor(directory)
+    fs = os.statvfs(where)
+    free = fs.f_bavail * fs.f_frsize
+    reserve = _reserve_bytes(fs)
+    if requested + reserve <= free:
+        return  # fits even if no slab file exists yet: no need to look at them
+    held = 0
+    for slab in range(num_slabs):
+        try:
+            st = os.lstat(directory / slab_name(slab))
+        except OSError:
+            continue  # absent (or `directory` is not a directory: refused right after this)
+        if stat.S_ISREG(st.st_mode):
+            held += min(st.st_size, slab_bytes)
+    needed = requested - held
+    if needed + reserve > free:
+        raise DiskCapacityError(
+            f"{directory}: {num_slabs} slabs of {slab_bytes} bytes ({requested} bytes, {held} of them already in "
+            f"slab files) need {needed} more bytes, but the filesystem at {where} has {free} bytes free, of "
+            f"which {reserve} are kept in reserve; choose a smaller disk size or another directory"
+        )
+
+
+# -- rebuilding the index from the slabs -----------------------------------------------------------------------
+
+
+class _SlabReader:
+    """Reads of one slab file through a window of `_SCAN_CHUNK` bytes (buffered pread: a rebuild reads each
+    byte about once, front to back). Offsets handed in are ALIGN-aligned."""
+
+    __slots__ = ("_buf", "_fd", "_start", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+        self._start = 0
+        self._buf = b""
+
+    def _load(self, offset: int, n: int) -> None:
+        want = min(max(_SCAN_CHUNK, n), self.size - offset)
+        parts = []
+        pos = offset
+        while want > 0:
+            got = os.pread(self._fd, want, pos)
+            if not got:
+                break  # the file shrank under us: what is missing reads as absent
+            parts.append(got)
+            pos += len(got)
+            want -= len(got)
+        self._buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._start = offset
+
+    def view(self, offset: int, n: int) -> memoryview:
+        """Up to `n` bytes at `offset` (fewer only at the end of the file)."""
+        if offset < self._start or offset + n > self._start + len(self._buf):
+            self._load(offset, n)
+        i = offset - self._start
+        return memoryview(self._buf)[i : i + n]
+
+    def next_magic(self, offset: int) -> int | None:
+        """The first ALIGN-aligned offset >= `offset` at which `MAGIC` starts, or None."""
+        while offset + HEADER_BYTES <= self.size:
+            if offset < self._start or offset + HEADER_BYTES > self._start + len(self._buf):
+                self._load(offset, HEADER_BYTES)
+            j = self._buf.find(MAGIC, offset - self._start)
+            while j >= 0 and (self._start + j) % ALIGN:
+                j = self._buf.find(MAGIC, round_up(self._start + j + 1) - self._start)
+            if j >= 0:
+                return self._start + j
+            end = self._start + len(self._buf)
+            offset = max(offset + ALIGN, end - end % ALIGN)
+        return None
+
+
+def _scan_slab(fd: int, size: int, slab_bytes: int) -> Iterator[tuple[int, BlockHeader]]:
+    """The verified blocks of one slab file, in file order: (offset, header).
+
+    At each ALIGN-aligned offset (found by searching for `MAGIC`, so empty space costs a memchr), a header that
+    decodes and whose payload's checksum matches is a block, and the walk jumps past its slot; anything else
+    advances one page. A published slot is therefore never overlapped by another published slot: a block whose
+    bytes lie inside an earlier verified block's slot was overwritten by it and fails its checksum anyway.
+    """
+    reader = _SlabReader(fd, size)
+    offset = 0
+    while (offset := reader.next_magic(offset)) is not None:
+        try:
+            hdr = decode_header(reader.view(offset, HEADER_BYTES))
+        except CorruptBlockError:
+            offset += ALIGN
+            continue
+        end = offset + HEADER_BYTES + hdr.payload_len
+        if end > size or offset + block_capacity(hdr.payload_len) > slab_bytes:
+            offset += ALIGN  # truncated, or a slot this geometry cannot hold
+            continue
+        payload = reader.view(offset, HEADER_BYTES + hdr.payload_len)[HEADER_BYTES:]
+        if payload_checksum(payload) != hdr.checksum:
+            offset += ALIGN
+            continue
+        yield offset, hdr
+        offset += block_capacity(hdr.payload_len)
+
+
+# -- the index's schema ----------------------------------------------------------------------------------------
+
+
+def _schema_signature(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+    """The columns of `blocks` and its indexes (name, uniqueness, columns): what this build's queries rely on."""
+    columns = db.execute("PRAGMA table_info(blocks)").fetchall()
+    indexes = sorted(
+        (name, unique, [r[2] for r in db.execute(f"PRAGMA index_info('{name}')")])
+        for _, name, unique, *_ in db.execute("PRAGMA index_list(blocks)")
+    )
+    return columns, indexes
+
+
+@functools.cache
+def _expected_schema() -> tuple[list[Any], list[Any]]:
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(_SCHEMA)
+        return _schema_signature(db)
+    finally:
+        db.close()
+
+
+def _schema_problem(db: sqlite3.Connection) -> str | None:
+    """Why an existing index is not this build's, or None (a database without the table is a new one)."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    columns, indexes = _schema_signature(db)
+    if version not in (0, FORMAT_VERSION):
+        return f"user_version {version}, expected {FORMAT_VERSION}"
+    if not columns and not indexes and version == 0:
+        return None
+    if (columns, indexes) != _expected_schema():
+        return "its blocks table is not this format's"
+    return None
+
+
+def _manifest_damage(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why a JSON object is not a readable manifest at all (it is then rebuilt), or None. A manifest of another
+    format or version, or with other settings, is readable: comparing it with the request is an error, not
+    damage."""
+    if "format" not in found or "format_version" not in found:
+        return "no format or format_version"
+    if found["format"] != FORMAT_NAME or found["format_version"] != FORMAT_VERSION:
+        return None
+    bad = [k for k, v in expected.items() if type(found.get(k)) is not type(v)]
+    return f"missing or malformed {', '.join(bad)}" if bad else None
+
+
+def _is_damage(e: sqlite3.DatabaseError) -> bool:
+    """True when SQLite says the file itself is bad (not a database, corrupt), not that I/O or locking failed."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 class DiskStore:
     """Slab files plus a SQLite index of published blocks; reads verified, writes durable before publication.
 
@@ -303,8 +517,15 @@ class DiskStore:
         The store moves bytes through `file_io`, or through an engine of its own (`make_file_io`, `io_threads`
         threads) that it closes with itself.
 
+        Before anything is created, `slab_bytes * num_slabs` (less what slab files already hold) is checked
+        against the filesystem's free space: DiskCapacityError if it cannot fit. No slab file is created here;
+        existing ones are checked (`open_private`) and measured. UnsafePathError (a PermissionError) for a
+        directory or file kvtier must not use.
+
         Recovery: every committed row is a durable block; rows that point outside a slab file that has since
-        shrunk (truncation) or outside the geometry are dropped (counted in `stats()["dropped_on_open"]`).
+        shrunk (truncation) or outside the geometry are dropped (counted in `stats()["dropped_on_open"]`). A
+        damaged index or manifest is moved aside and the index rebuilt from the slabs' headers
+        (`stats()["metadata_rebuilds"]`, `["rebuilt_blocks"]`); a manifest with other settings raises ValueError.
         """
         if not isinstance(slab_bytes, int) or slab_bytes < block_capacity(0) or slab_bytes % ALIGN:
             raise ValueError(f"slab_bytes must be a positive multiple of {ALIGN}, got {slab_bytes!r}")
@@ -312,6 +533,7 @@ class DiskStore:
             raise ValueError(f"num_slabs must be a positive int, got {num_slabs!r}")
         if file_io is not None and io_threads is not None:
             raise ValueError("io_threads sets the store's own file engine; it cannot apply to a given file_io")
+        _check_capacity(Path(directory), slab_bytes, num_slabs, _slab_name)
         self = object.__new__(cls)
         self.directory = Path(directory)
         self.slab_bytes = slab_bytes
@@ -325,6 +547,9 @@ class DiskStore:
         self._checksums: dict[tuple[bytes, bytes], int] = {}
         self._pending: set[tuple[bytes, bytes]] = set()
         self._extents = _Extents(num_slabs)
+        # Slabs whose file exists at full size; the others are created (or re-extended) by their first write.
+        self._slab_ready = [False] * num_slabs
+        self._slab_lock = asyncio.Lock()
         self._stats = dict.fromkeys(
             (
                 "reads",
@@ -340,6 +565,8 @@ class DiskStore:
                 "relocations",
                 "recovered",
                 "dropped_on_open",
+                "metadata_rebuilds",
+                "rebuilt_blocks",
             ),
             0,
         )
@@ -354,22 +581,18 @@ class DiskStore:
     # -- opening -------------------------------------------------------------------------------------------------
 
     async def _open_files(self) -> None:
-        created = not self.directory.exists()
-        self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        mode = self.directory.stat().st_mode & 0o777
-        if mode != DIR_MODE:
-            # The directory holds every tenant's KV; nobody else may list or read it.
-            log.warning("tightening %s from %o to %o", self.directory, mode, DIR_MODE)
-            os.chmod(self.directory, DIR_MODE)
-        self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        created = not os.path.lexists(self.directory)
+        # The directory holds every tenant's KV: only its owner may enter it, and nobody else may write there.
+        ensure_private_dir(self.directory)
+        self._lock_fd = open_private(self.directory / LOCK_NAME, os.O_RDWR, create=True)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreLockedError(f"{self.directory} is open in another DiskStore") from None
         await self._check_manifest()
-        sizes = await asyncio.to_thread(self._prepare_slabs)
-        await self._db_call(self._open_db)
-        await self._load_records(sizes)
+        sizes = await asyncio.to_thread(self._measure_slabs)
+        rows = await self._db_call(self._open_index, sizes)
+        await self._load_records(rows, sizes)
         if created:
             await asyncio.to_thread(_fsync_dir, self.directory.parent)
 
@@ -383,10 +606,19 @@ class DiskStore:
             "slab_bytes": self.slab_bytes,
             "num_slabs": self.num_slabs,
         }
-        if not path.exists():
+        if not os.path.lexists(path):  # lexists: a planted symlink is refused by read_json, not replaced
             await write_json_atomic(path, expected)
             return
-        found = await read_json(path)
+        try:
+            found = await read_json(path)
+        except ValueError as e:  # orjson.JSONDecodeError is a ValueError
+            found, damage = {}, str(e)
+        else:
+            damage = _manifest_damage(found, expected)
+        if damage is not None:
+            await asyncio.to_thread(self._move_aside, path, damage)
+            await write_json_atomic(path, expected)
+            return
         if found.get("format") != FORMAT_NAME or found.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{self.directory} holds format {found.get('format')!r} version {found.get('format_version')!r}; "
@@ -397,54 +629,188 @@ class DiskStore:
             detail = ", ".join(f"{k}: on disk {a!r}, requested {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"{self.directory} was created with other settings ({detail})")
 
+    def _move_aside(self, path: Path, why: str) -> None:
+        """Rename a damaged metadata file (and its SQLite -wal / -shm) to `<name>.damaged-<unix time>`."""
+        stamp = f"{path.name}{DAMAGED_TAG}{int(time.time())}"
+        target, n = stamp, 0
+        while any(os.path.lexists(self.directory / f"{target}{s}") for s in ("", "-wal", "-shm")):
+            n += 1
+            target = f"{stamp}.{n}"
+        # NOTE: the companions keep SQLite's naming (<db>-wal beside <db>), so the damaged index can still be
+        # opened with the sqlite3 shell for a post-mortem.
+        for suffix in ("", "-wal", "-shm"):
+            src = self.directory / f"{path.name}{suffix}"
+            if os.path.lexists(src):
+                os.replace(src, self.directory / f"{target}{suffix}")
+        _fsync_dir(self.directory)
+        self._stats["metadata_rebuilds"] += 1
+        log.warning("%s is damaged (%s): moved aside to %s and rebuilt", path, why, target)
+
     def slab_path(self, slab: int) -> Path:
         if not 0 <= slab < self.num_slabs:
             raise ValueError(f"slab {slab} out of range [0, {self.num_slabs})")
-        return self.directory / f"slab-{slab:05d}.bin"
+        return self.directory / _slab_name(slab)
 
-    def _prepare_slabs(self) -> list[int]:
-        """Create missing slab files and re-extend short ones; returns each slab's size *before* extension.
-
-        Preallocation (posix_fallocate) reserves the blocks up front, so a later block write cannot fail for
-        lack of space in the middle of a slab, and O_DIRECT writes never extend the file.
-        """
+    def _measure_slabs(self) -> list[int]:
+        """Check every slab file that exists (`open_private`: a symlink or a foreign, shared or linked file
+        raises UnsafePathError) and return each slab's size, 0 where there is none. Creates nothing: a slab
+        file is made, or a short one re-extended, by the first write into it (`_ensure_slabs`)."""
         sizes: list[int] = []
-        touched = False
         for slab in range(self.num_slabs):
             path = self.slab_path(slab)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             try:
-                st = os.fstat(fd)
-                if st.st_mode & 0o777 != FILE_MODE:
-                    os.fchmod(fd, FILE_MODE)
-                sizes.append(st.st_size)
-                if st.st_size < self.slab_bytes:
-                    if st.st_size:
-                        log.warning("%s is %d bytes, expected %d: re-extending", path, st.st_size, self.slab_bytes)
-                    try:
-                        os.posix_fallocate(fd, 0, self.slab_bytes)
-                        os.fsync(fd)
-                    except OSError as e:
-                        raise DiskWriteError(f"cannot preallocate {path} ({self.slab_bytes} bytes): {e}") from e
-                    touched = True
+                fd = open_private(path, os.O_RDONLY)
+            except FileNotFoundError:
+                sizes.append(0)
+                continue
+            try:
+                size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-        if touched:
-            _fsync_dir(self.directory)
+            if size < self.slab_bytes:
+                log.warning("%s is %d bytes, expected %d: its next write re-extends it", path, size, self.slab_bytes)
+            sizes.append(size)
+        self._slab_ready = [size >= self.slab_bytes for size in sizes]
         return sizes
 
-    def _open_db(self) -> None:
-        path = self.directory / DB_NAME
-        # SQLite gives its -wal and -shm files the database file's permissions, so creating it 0o600 first
-        # keeps all three private.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+    async def _ensure_slabs(self, slabs: Iterable[int]) -> None:
+        """Create and preallocate the slab files of `slabs` that are missing or short. OSError (nothing left
+        behind) when the filesystem cannot hold one."""
+        todo = sorted({s for s in slabs if not self._slab_ready[s]})
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+        async with self._slab_lock:  # two batches landing in one new slab create it once
+            for slab in todo:
+                if self._slab_ready[slab]:
+                    continue
+                (result,), cancelled = await settle([loop.run_in_executor(None, self._allocate_slab, slab)])
+                if isinstance(result, BaseException):
+                    raise result
+                self._slab_ready[slab] = True
+                if cancelled:
+                    raise asyncio.CancelledError
+
+    def _allocate_slab(self, slab: int) -> None:
+        """Create (or re-extend) one slab file to `slab_bytes`, durably. On failure a file this call created is
+        removed, and a short one it extended is cut back to its old size (its blocks stay).
+
+        Preallocation (posix_fallocate) reserves the slab's blocks at once, so a later block write cannot fail
+        for lack of space in the middle of a slab, and O_DIRECT writes never extend the file.
+        """
+        path = self.slab_path(slab)
+        existed = os.path.lexists(path)
+        fd = open_private(path, os.O_RDWR, create=True)
+        try:
+            size = os.fstat(fd).st_size
+            if size < self.slab_bytes:
+                try:
+                    os.posix_fallocate(fd, 0, self.slab_bytes)
+                    os.fsync(fd)
+                except OSError as e:
+                    if existed:
+                        os.ftruncate(fd, size)
+                    else:
+                        os.unlink(path)
+                    raise OSError(e.errno, f"cannot allocate {path} ({self.slab_bytes} bytes): {e.strerror}") from e
+        finally:
+            os.close(fd)
+        if not existed:
+            _fsync_dir(self.directory)  # the file's name must be durable before any row points into it
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is durable when it returns, so "published" survives power loss, not only a crash.
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-        self._db = db
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is durable when it returns, so "published" survives power loss, not only a crash.
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_index(self, sizes: list[int]) -> list[Any]:
+        """On the SQLite thread: open the index and return its rows. A damaged one (not a database, corrupt,
+        another schema) is moved aside and rebuilt from the slabs, and so is a missing or empty one while slab
+        files exist."""
+        path = self.directory / DB_NAME
+        # SQLite opens these itself (following links): check them first. Nobody else can create entries in the
+        # private directory afterwards.
+        existed = check_private_file(path)
+        for suffix in ("-wal", "-shm"):
+            check_private_file(self.directory / f"{DB_NAME}{suffix}")
+        damage = None
+        if existed:
+            try:
+                self._db = self._connect(path)
+                damage = _schema_problem(self._db)
+                if damage is None and _schema_signature(self._db)[0]:
+                    self._db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+                    return self._db.execute(_SELECT_ROWS).fetchall()
+            except sqlite3.DatabaseError as e:
+                if not _is_damage(e):
+                    raise
+                damage = str(e)
+            if damage is not None:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+                self._move_aside(path, damage)
+        if self._db is None:
+            # SQLite gives its -wal and -shm files the database file's permissions, so creating it 0o600 first
+            # keeps all three private.
+            os.close(open_private(path, os.O_RDWR, create=True))
+            self._db = self._connect(path)
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        if damage is None:
+            if not any(sizes):
+                return []
+            self._stats["metadata_rebuilds"] += 1
+            log.warning("%s has slab files but no index of them: rebuilding it from their headers", self.directory)
+        return self._rebuild_index(sizes)
+
+    def _rebuild_index(self, sizes: list[int]) -> list[Any]:
+        """Publish every block the slab files hold (`_scan_slab`), in one transaction; returns the rows.
+
+        A key found twice keeps its first copy. Rebuilt blocks may include ones deleted before (a delete only
+        drops the row): a key names its content, so such a block is still correct KV, and the runtime's
+        eviction reclaims it like any other.
+        """
+        rows: list[tuple[Any, ...]] = []
+        seen: set[tuple[bytes, bytes]] = set()
+        duplicates = 0
+        for slab, size in enumerate(sizes):
+            if size < HEADER_BYTES:
+                continue
+            path = self.slab_path(slab)
+            fd = open_private(path, os.O_RDONLY)
+            try:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                for offset, hdr in _scan_slab(fd, size, self.slab_bytes):
+                    ident = (hdr.namespace, hdr.key)
+                    if ident in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(ident)
+                    capacity = block_capacity(hdr.payload_len)
+                    rows.append((*ident, slab, offset, capacity, hdr.payload_len, _signed64(hdr.checksum)))
+            except OSError as e:
+                log.warning("rebuilding the index: reading %s failed (%s); the rest of it is not recovered", path, e)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a one-off walk: leave the cache alone
+                os.close(fd)
+        self._tx([("INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)", rows)])
+        self._stats["rebuilt_blocks"] += len(rows)
+        log.warning(
+            "rebuilt the index of %s from its slab files: %d blocks (%d duplicate keys skipped)",
+            self.directory,
+            len(rows),
+            duplicates,
+        )
+        return rows
 
     async def _db_call(self, fn: Any, *args: Any) -> Any:
         """Run `fn` on the store's single SQLite thread and wait for it even if cancelled."""
@@ -456,14 +822,9 @@ class DiskStore:
             raise asyncio.CancelledError
         return result
 
-    async def _load_records(self, sizes: list[int]) -> None:
-        rows = await self._db_call(
-            lambda: self._db.execute(
-                "SELECT namespace, key, slab, offset, capacity, length, checksum FROM blocks ORDER BY slab, offset"
-            ).fetchall()
-        )
+    async def _load_records(self, rows: list[Any], sizes: list[int]) -> None:
         dropped: list[tuple[bytes, bytes]] = []
-        for ns, key, slab, offset, capacity, length, checksum in rows:
+        for ns, key, slab, offset, capacity, length, checksum in sorted(rows, key=lambda r: (r[2], r[3])):
             reason = self._location_problem(DiskLocation(slab, offset, capacity), length)
             if reason is None and offset + capacity > sizes[slab]:
                 reason = f"slab file is {sizes[slab]} bytes (truncated)"
@@ -625,8 +986,9 @@ class DiskStore:
         self, blocks: list[tuple[BlockWrite, torch.Tensor]], checksums: list[int] | None = None
     ) -> list[int]:
         """Write blocks, header pages and payloads of file-adjacent blocks as one request (`_runs`), then fdatasync
-        each touched slab once (one barrier per slab per batch, not per block). Any failure becomes
-        DiskWriteError. Returns the payload checksums (computed here unless given).
+        each touched slab once (one barrier per slab per batch, not per block). A slab without its file gets it
+        first (`_ensure_slabs`). Any failure becomes DiskWriteError. Returns the payload checksums (computed here
+        unless given).
 
         A run's checksums and headers are computed on the pool thread that then writes it (`_seal`), so the
         checksums of some blocks overlap the writes of others, and a block costs the event loop no wake-up of
@@ -645,13 +1007,14 @@ class DiskStore:
             ]
             seal = functools.partial(_seal, members, sums)
             transfers.append(Transfer(self.slab_path(run.slab), run.offset, _run_buffers(run, headers, payloads), seal))
+        slabs = sorted({it.location.slab for it, _ in blocks})
         try:
+            await self._ensure_slabs(slabs)  # a slab's first write creates and preallocates its file
             results = await self._file_io.pwritev_many(transfers)
         except Exception as e:  # CancelledError is not an Exception: it propagates
             results = [e]
         err = first_error(results)
         if err is None:
-            slabs = sorted({it.location.slab for it, _ in blocks})
             synced, cancelled = await settle(self._file_io.fsync(self.slab_path(s)) for s in slabs)
             if cancelled:
                 raise asyncio.CancelledError

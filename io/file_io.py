@@ -251,7 +251,8 @@ class PosixFileIO(FileIO):
     """POSIX `preadv/pwritev` in a thread pool, O_DIRECT for the aligned part of each transfer.
 
     Descriptors stay open per path until `close()`: opening a slab file per block would cost more than reading
-    a small block. Where the filesystem refuses O_DIRECT (at open or on first use), the path falls back to
+    a small block. Paths are opened with O_NOFOLLOW: a symlink in place of a file is an OSError (ELOOP), never
+    followed. Where the filesystem refuses O_DIRECT (at open or on first use), the path falls back to
     buffered I/O with one warning, and `stats()["direct_fallbacks"]` counts it.
     """
 
@@ -328,12 +329,12 @@ class PosixFileIO(FileIO):
             h = self._handles.get(key)
         if h is not None:
             return h
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
         buffered = os.open(key, flags, 0o600)
         direct = None
         if self.direct:
             try:
-                direct = os.open(key, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+                direct = os.open(key, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECT)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     os.close(buffered)
@@ -569,8 +570,9 @@ class KvikioFileIO(FileIO):
             f = self._files.get(key)
             if f is not None:
                 return f
-            # CuFile("r+") needs an existing file; create it private to the user, as the POSIX engine does.
-            fd = os.open(key, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+            # CuFile("r+") needs an existing file; create it private to the user, as the POSIX engine does. CuFile
+            # opens the path again itself: this open refuses a symlink there first.
+            fd = os.open(key, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o600)
             self._fds[key] = fd
             f = self._files[key] = self._kvikio.CuFile(key, "r+")
             return f

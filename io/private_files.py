@@ -86,8 +86,11 @@ def open_private(path: Path | str, flags: int, *, create: bool = False) -> int:
     what it opened (regular file, owned by this user, one link, not writable by others). Returns the fd;
     raises :class:`UnsafePathError` for a file it refuses, ``OSError`` for everything else."""
     flags |= SAFE_FLAGS | (os.O_CREAT if create else 0)
+    # O_NONBLOCK until the checks passed: opening a FIFO read-only or write-only would otherwise block until
+    # someone opened its other end, before it could be refused. (It changes nothing for a regular file.)
+    nonblock = not flags & os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, FILE_MODE)
+        fd = os.open(path, flags | os.O_NONBLOCK, FILE_MODE)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePathError(f"{path} is a symlink; kvtier does not follow links in its cache") from e
@@ -95,6 +98,8 @@ def open_private(path: Path | str, flags: int, *, create: bool = False) -> int:
     try:
         st = os.fstat(fd)
         _check_file(path, st)
+        if nonblock:
+            os.set_blocking(fd, True)
         if stat.S_IMODE(st.st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)  # this user's own file: nobody else reads tenants' KV
     except BaseException:

@@ -10,7 +10,9 @@ Modes:
   torn     write 3 blocks, then write the header and half the payload of block 3, print "torn 3", hang.
   fsize    run under RLIMIT_FSIZE: a slab write past the limit and a commit that cannot grow the WAL must both
            fail with DiskWriteError and publish nothing; prints one JSON line with what happened.
-  prealloc open a new store under an RLIMIT_FSIZE smaller than one slab; prints one JSON line.
+  lazy     open a new store under an RLIMIT_FSIZE smaller than one slab (nothing is preallocated at open), then
+           write into the first slab: its allocation fails, is cleaned up, and the write fails alone; prints one
+           JSON line.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ async def _fsize(directory: Path, slab_bytes: int, num_slabs: int) -> dict[str, 
     store = await DiskStore.open(directory, slab_bytes=slab_bytes, num_slabs=num_slabs)
     wal = directory / "index.sqlite3-wal"
     near = location_for(0, slab_bytes)
+    # Slab 0's file exists before the limits (slabs are allocated by their first write), so that what fails
+    # below is the block write and the commit, not the slab's allocation.
+    await store.write(NAMESPACE, key_for(1), location_for(1, slab_bytes), payload_for(1))
     # Publish blocks in slab 1 until the WAL is larger than slot 0's end, so that a file-size limit can let
     # the slot-0 slab write through and still stop the WAL from growing.
     i = slab_bytes // slot_bytes()
@@ -130,15 +135,25 @@ async def _fsize(directory: Path, slab_bytes: int, num_slabs: int) -> dict[str, 
     return result
 
 
-async def _prealloc(directory: Path, slab_bytes: int, num_slabs: int) -> dict[str, object]:
-    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+async def _lazy(directory: Path, slab_bytes: int, num_slabs: int) -> dict[str, object]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (slab_bytes // 2, hard))
+    store = await DiskStore.open(directory, slab_bytes=slab_bytes, num_slabs=num_slabs)
+    result: dict[str, object] = {"open": "ok", "files_after_open": sorted(p.name for p in directory.iterdir())}
     try:
-        store = await DiskStore.open(directory, slab_bytes=slab_bytes, num_slabs=num_slabs)
+        await store.write(NAMESPACE, key_for(0), location_for(0, slab_bytes), payload_for(0))
+        result["write"] = "published"
     except DiskWriteError as e:
-        return {"open": f"DiskWriteError: {e}"}
+        result["write"] = f"DiskWriteError: {e}"
+    result["files_after_failure"] = sorted(p.name for p in directory.iterdir())
+    result["published_after_failure"] = [r.key.decode() for r in store.records()]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    await store.write(NAMESPACE, key_for(0), location_for(0, slab_bytes), payload_for(0))
+    result["published_after_retry"] = [r.key.decode() for r in store.records()]
+    result["slab_size_after_retry"] = store.slab_path(0).stat().st_size
+    result["stats"] = store.stats()
     await store.close()
-    return {"open": "ok"}
+    return result
 
 
 async def main(mode: str, directory: Path, slab_bytes: int, num_slabs: int) -> None:
@@ -149,8 +164,8 @@ async def main(mode: str, directory: Path, slab_bytes: int, num_slabs: int) -> N
         await _torn(directory, slab_bytes, num_slabs)
     elif mode == "fsize":
         print(json.dumps(await _fsize(directory, slab_bytes, num_slabs)), flush=True)
-    elif mode == "prealloc":
-        print(json.dumps(await _prealloc(directory, slab_bytes, num_slabs)), flush=True)
+    elif mode == "lazy":
+        print(json.dumps(await _lazy(directory, slab_bytes, num_slabs)), flush=True)
     else:
         raise SystemExit(f"unknown mode {mode}")
 

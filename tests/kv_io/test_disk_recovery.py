@@ -4,7 +4,8 @@
   and every block the index holds verifies (no torn block is ever published);
 - killed while a block is half written: that block is not published, and its torn bytes fail verification;
 - file-size limit (RLIMIT_FSIZE) hit by a slab write and by the SQLite commit: DiskWriteError, nothing published;
-- a limit smaller than a slab at creation: preallocation fails with DiskWriteError.
+- a limit smaller than a slab: the store opens (slabs are allocated lazily), the write that would allocate the
+  first slab fails with DiskWriteError and leaves no slab file behind, and succeeds once the limit is lifted.
 """
 
 from __future__ import annotations
@@ -124,8 +125,17 @@ async def test_file_size_limit_fails_writes_and_publishes_nothing(store_dir: Pat
     await store.close()
 
 
-def test_preallocation_beyond_limit_fails_cleanly(store_dir: Path) -> None:
-    proc = start_writer("prealloc", store_dir)
+def test_slab_allocation_beyond_limit_fails_one_write_and_cleans_up(store_dir: Path) -> None:
+    proc = start_writer("lazy", store_dir)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["open"].startswith("DiskWriteError: cannot preallocate")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["open"] == "ok"
+    assert not [name for name in result["files_after_open"] if name.startswith("slab-")]
+    assert result["write"].startswith("DiskWriteError") and "cannot allocate" in result["write"]
+    assert "File too large" in result["write"]
+    assert result["files_after_failure"] == result["files_after_open"]  # the half-made slab file is gone
+    assert result["published_after_failure"] == []
+    assert result["published_after_retry"] == [key_for(0).decode()]
+    assert result["slab_size_after_retry"] == SLAB_BYTES
+    assert result["stats"]["write_errors"] == 1

@@ -188,10 +188,12 @@ async def test_truncated_slab_is_a_miss_and_dropped_on_reopen(store_dir: Path) -
     store = await open_store(store_dir)
     assert store.records() == [keep]
     assert store.stats()["dropped_on_open"] == 1
-    assert store.slab_path(0).stat().st_size == SLAB_BYTES  # re-extended for reuse
+    assert store.slab_path(0).stat().st_size == 64 * 1024 + 100  # opening changes nothing
     assert (await read_back(store, keep))[0]
-    # The dropped block's slot is free again.
+    # The dropped block's slot is free again; the write re-extends the slab first.
     assert (await store.write(NS, b"lost", lost.location, payload(5000, 8))).location == lost.location
+    assert store.slab_path(0).stat().st_size == SLAB_BYTES
+    assert (await read_back(store, keep))[0]
     await store.close()
 
 
@@ -281,10 +283,11 @@ async def test_missing_slab_file_is_a_miss(store_dir: Path) -> None:
     assert store2.records() == []  # the slab was recreated empty: the row pointed past its end
     assert store2.stats()["dropped_on_open"] == 1
     await store2.close()
-    # A slab file that vanishes while the store is open: reading from it is a miss, not an exception.
+    # A slab file that does not exist (never written, or vanished): reading from it is a miss, not an exception.
     store3 = await open_store(store_dir, file_io=fresh)
-    os.unlink(store3.slab_path(0))
-    assert not (await read_back(store3, DiskRecord(NS, b"k", DiskLocation(0, 0, rec.location.capacity), 5000)))[0]
+    assert not store3.slab_path(0).exists()  # never written: never created
+    forged = DiskRecord(NS, b"k", DiskLocation(0, 0, rec.location.capacity), 5000)
+    assert not (await read_back(store3, forged))[0]
     assert store3.stats()["missing"] == 1
     await store3.close()
     await fresh.close()

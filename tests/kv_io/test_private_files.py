@@ -86,6 +86,9 @@ def test_open_private_refuses_hard_links_fifos_and_open_files(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UnsafePathError, match="regular file"):
         open_private(tmp_path / "fifo", os.O_RDWR | os.O_NONBLOCK)
+    # Read-only, without O_NONBLOCK: refused at once, not blocked waiting for a writer.
+    with pytest.raises(UnsafePathError, match="regular file"):
+        open_private(tmp_path / "fifo", os.O_RDONLY)
     shared = tmp_path / "shared"
     shared.write_bytes(b"x")
     os.chmod(shared, 0o666)
