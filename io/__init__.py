@@ -17,6 +17,7 @@ from kv_io.disk_format import (
 )
 from kv_io.disk_store import (
     BlockWrite,
+    DiskCapacityError,
     DiskLocation,
     DiskRecord,
     DiskStore,
@@ -33,6 +34,7 @@ from kv_io.file_io import (
     read_direct,
     write_direct,
 )
+from kv_io.private_files import UnsafePathError
 from kv_io.staging import StagingPool
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "BlockHeader",
     "BlockWrite",
     "CorruptBlockError",
+    "DiskCapacityError",
     "DiskLocation",
     "DiskRecord",
     "DiskStore",
@@ -52,6 +55,7 @@ __all__ = [
     "PosixFileIO",
     "StagingPool",
     "StoreLockedError",
+    "UnsafePathError",
     "aligned_empty",
     "block_capacity",
     "decode_header",

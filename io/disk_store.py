@@ -43,9 +43,8 @@ import functools
 import logging
 import os
 import sqlite3
-import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +314,14 @@ def _slab_name(slab: int) -> str:
     return f"slab-{slab:05d}.bin"
 
 
+def _slab_number(name: str) -> int | None:
+    """The slab a file name is the slab file of, or None."""
+    digits = name[5:-4]
+    if name.startswith("slab-") and name.endswith(".bin") and digits.isdigit() and _slab_name(int(digits)) == name:
+        return int(digits)
+    return None
+
+
 def _existing_ancestor(path: Path) -> Path:
     """`path` or its nearest ancestor that exists: where the filesystem a new directory would land on is."""
     while not os.path.lexists(path) and path.parent != path:
@@ -326,10 +333,10 @@ def _reserve_bytes(fs: os.statvfs_result) -> int:
     return min(RESERVE_MAX_BYTES, max(RESERVE_MIN_BYTES, fs.f_blocks * fs.f_frsize // 100))
 
 
-def _check_capacity(directory: Path, slab_bytes: int, num_slabs: int, slab_name: Callable[[int], str]) -> None:
+def _check_capacity(directory: Path, slab_bytes: int, num_slabs: int) -> None:
     """Raise DiskCapacityError unless the filesystem holding `directory` has room for the slabs that do not
-    exist yet (and the missing tails of short ones), plus a reserve. Looks only (lstat, statvfs): it runs before
-    anything is created, and follows no link.
+    exist yet (and the missing tails of short ones), plus a reserve. It only looks (statvfs, a listing of the
+    directory, sizes of the slab files that are regular files): it runs before anything is created.
 
     NOTE: this is a check, not a reservation: slabs are allocated lazily, so space taken by others later makes
     a write fail (DiskWriteError), never the store.
@@ -342,13 +349,12 @@ def _check_capacity(directory: Path, slab_bytes: int, num_slabs: int, slab_name:
     if requested + reserve <= free:
         return  # fits even if no slab file exists yet: no need to look at them
     held = 0
-    for slab in range(num_slabs):
-        try:
-            st = os.lstat(directory / slab_name(slab))
-        except OSError:
-            continue  # absent (or `directory` is not a directory: refused right after this)
-        if stat.S_ISREG(st.st_mode):
-            held += min(st.st_size, slab_bytes)
+    # Absent, or not a directory: nothing held (a non-directory is refused right after this).
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            slab = _slab_number(entry.name)
+            if slab is not None and slab < num_slabs and entry.is_file(follow_symlinks=False):
+                held += min(entry.stat(follow_symlinks=False).st_size, slab_bytes)
     needed = requested - held
     if needed + reserve > free:
         raise DiskCapacityError(
@@ -533,7 +539,7 @@ class DiskStore:
             raise ValueError(f"num_slabs must be a positive int, got {num_slabs!r}")
         if file_io is not None and io_threads is not None:
             raise ValueError("io_threads sets the store's own file engine; it cannot apply to a given file_io")
-        _check_capacity(Path(directory), slab_bytes, num_slabs, _slab_name)
+        _check_capacity(Path(directory), slab_bytes, num_slabs)
         self = object.__new__(cls)
         self.directory = Path(directory)
         self.slab_bytes = slab_bytes
@@ -871,8 +877,10 @@ class DiskStore:
         return self._records.get((namespace, key))
 
     def stats(self) -> dict[str, int]:
-        """Counters since open: successful reads/writes and their bytes, misses by cause, and `published`."""
-        return {**self._stats, "published": len(self._records)}
+        """Counters since open: successful reads/writes and their bytes, misses by cause, metadata rebuilt on
+        open (`metadata_rebuilds`, `rebuilt_blocks`), and gauges: `published` blocks, `slabs_allocated` (slab
+        files that exist at full size)."""
+        return {**self._stats, "published": len(self._records), "slabs_allocated": sum(self._slab_ready)}
 
     # -- validation ----------------------------------------------------------------------------------------------
 
