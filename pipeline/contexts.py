@@ -101,7 +101,7 @@ class ContextRegistry:
     def _open(self, path: Path | None) -> sqlite3.Connection:
         if path is None:
             db = sqlite3.connect(":memory:", check_same_thread=False)
-            self._prepare(db)
+            self._prepare(db, self._schema(db))
             return db
         ensure_private_dir(path.parent)
         try:
@@ -124,25 +124,26 @@ class ContextRegistry:
                 os.close(open_private(f, os.O_RDONLY))  # checked once open, and group/other bits removed
         db = sqlite3.connect(str(path), check_same_thread=False)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            # Read-only checks first: a file found damaged is moved aside exactly as it was.
             (result,) = db.execute("PRAGMA quick_check(1)").fetchone()
             if result != "ok":
                 raise RegistryDamagedError(f"integrity check failed: {result}")
-            self._prepare(db)
+            schema = self._schema(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._prepare(db, schema)
         except BaseException:
             db.close()
             raise
         return db
 
     @staticmethod
-    def _prepare(db: sqlite3.Connection) -> None:
-        """Create the table in an empty database, migrate the first schema, refuse any other."""
+    def _schema(db: sqlite3.Connection) -> str:
+        """``"empty"``, ``"current"`` or ``"first"`` (keyed by id alone); any other schema is damage."""
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if not tables:
-            _transaction(db, _CREATE, f"PRAGMA user_version = {SCHEMA_VERSION}")
-            return
+            return "empty"
         if tables != {"contexts"}:
             raise RegistryDamagedError(f"unexpected tables {sorted(tables)}")
         info = db.execute("PRAGMA table_info(contexts)").fetchall()  # (cid, name, type, notnull, default, pk)
@@ -151,8 +152,17 @@ class ContextRegistry:
         if columns != _COLUMNS:
             raise RegistryDamagedError(f"the contexts table has columns {sorted(columns)}")
         if version == SCHEMA_VERSION and key == ["namespace", "context_id"]:
-            return
+            return "current"
         if version == 0 and key == ["context_id"]:
+            return "first"
+        raise RegistryDamagedError(f"unknown registry schema (version {version}, key {key})")
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection, schema: str) -> None:
+        """Create the table in an empty database; migrate the first schema."""
+        if schema == "empty":
+            _transaction(db, _CREATE, f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif schema == "first":
             # The first schema keyed contexts by id alone (one tenant's save replaced another's): re-key every
             # row by (namespace, context_id), all in one transaction.
             _transaction(
@@ -165,8 +175,6 @@ class ContextRegistry:
                 f"PRAGMA user_version = {SCHEMA_VERSION}",
             )
             log.info("kvtier: shared-context registry migrated to schema %d (namespace, id)", SCHEMA_VERSION)
-            return
-        raise RegistryDamagedError(f"unknown registry schema (version {version}, key {key})")
 
     def _move_aside(self, path: Path, error: sqlite3.DatabaseError) -> None:
         """Rename the damaged registry (and its WAL or journal, so the pair still opens together) to
