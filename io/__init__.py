@@ -1,4 +1,5 @@
-"""kv_io: how bytes move — pinned staging buffers, KvikIO / POSIX file I/O, the on-disk block format and store.
+"""kv_io: how bytes move — pinned staging buffers, KvikIO / POSIX file I/O, the on-disk block format and store,
+and the private cache directory they live in.
 
 Imported as `kv_io` (the folder is `io/`, whose top-level name the standard library owns).
 """

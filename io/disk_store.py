@@ -450,7 +450,7 @@ def _schema_signature(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
     """The columns of `blocks` and its indexes (name, uniqueness, columns): what this build's queries rely on."""
     columns = db.execute("PRAGMA table_info(blocks)").fetchall()
     indexes = sorted(
-        (name, unique, [r[2] for r in db.execute(f"PRAGMA index_info('{name}')")])
+        (name, unique, [r[0] for r in db.execute("SELECT name FROM pragma_index_info(?)", (name,))])
         for _, name, unique, *_ in db.execute("PRAGMA index_list(blocks)")
     )
     return columns, indexes
@@ -691,11 +691,12 @@ class DiskStore:
                 if self._slab_ready[slab]:
                     continue
                 (result,), cancelled = await settle([loop.run_in_executor(None, self._allocate_slab, slab)])
-                if isinstance(result, BaseException):
-                    raise result
-                self._slab_ready[slab] = True
+                if not isinstance(result, BaseException):
+                    self._slab_ready[slab] = True
                 if cancelled:
                     raise asyncio.CancelledError
+                if isinstance(result, BaseException):
+                    raise result
 
     def _allocate_slab(self, slab: int) -> None:
         """Create (or re-extend) one slab file to `slab_bytes`, durably. On failure a file this call created is
