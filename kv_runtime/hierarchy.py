@@ -113,6 +113,7 @@ class HierarchyManager:
         self.failures: Counter[tuple[Tier, str]] = Counter()
         self._failures_logged: set[tuple[Tier, str]] = set()
         self.recovered_evicted = 0
+        self._free_when_idle: list[tuple[Slot, str]] = []  # discarded copies whose slot a read still uses
         self.quotas.on_pressure(self._evict_for_quota)
 
     # ------------------------------------------------------------------ allocation under quota
@@ -337,29 +338,43 @@ class HierarchyManager:
         self.events.emit(EventKind.STORED, res.key, tier, res.nbytes, res.tenant)
         return True
 
-    def drop_copy(self, res: Residency, tier: Tier, *, kind: EventKind = EventKind.REMOVED) -> None:
-        """Free one tier's copy. Dropping the last copy removes the block (and its subtree) from the index."""
+    def drop_copy(self, res: Residency, tier: Tier, *, kind: EventKind = EventKind.REMOVED) -> bool:
+        """Free one tier's copy; returns whether it went. Dropping the last copy removes the block (and its
+        subtree) from the index.
+
+        A copy another migration is reading (its slot is busy) stays: it is redundant, so an eviction candidate
+        once that copy ends. (Freeing it here would fail with the copy already forgotten: a slot lost for good.)
+        """
         with self._lock:
             if tier not in res.copies:
-                return
+                return False
             if len(res.copies) == 1 and res.node is not None:
                 self.index.remove(res.node)  # raises PinnedError for leased blocks; _released frees the slot
-                return
-            slot = res.copies.pop(tier)
+                return True
+            slot = res.copies[tier]
+            if slot.busy:
+                return False
+            del res.copies[tier]
             self.blocks.update(res)
         self.events.emit(kind, res.key, tier, res.nbytes, res.tenant)
         self.free_slot(slot, res.tenant)
+        return True
 
     def discard_invalid(self, res: Residency, tier: Tier) -> None:
-        """A copy proved unreadable: forget it (a miss, counted); never hand its bytes out."""
+        """A copy proved unreadable: forget it (a miss, counted); never hand its bytes out. Its slot is freed
+        at once, or when the last migration still reading it (another request's promotion) ends."""
         with self._lock:
             slot = res.copies.pop(tier, None)
+            if slot is None:
+                return
             self.blocks.update(res)
             last = not res.copies
-        if slot is None:
-            return
+            busy = bool(slot.busy)
+            if busy:
+                self._free_when_idle.append((slot, res.tenant))
         self.events.emit(EventKind.MISS, res.key, tier, res.nbytes, res.tenant)
-        self.free_slot(slot, res.tenant)
+        if not busy:
+            self.free_slot(slot, res.tenant)
         if last and res.node is not None and res.node.pin_count == 0:
             self.index.remove(res.node)
 
@@ -389,6 +404,11 @@ class HierarchyManager:
             for r in residencies:
                 r.in_flight -= 1
                 self.blocks.update(r)
+            idle = [(s, t) for s, t in self._free_when_idle if not s.busy] if self._free_when_idle else ()
+            if idle:
+                self._free_when_idle = [(s, t) for s, t in self._free_when_idle if s.busy]
+        for slot, tenant in idle:
+            self.free_slot(slot, tenant)
         self.index.unpin([r.node for r in residencies if r.node is not None])
         del tiers  # the tiers are implied by the slots; kept for symmetry with lease()
 

@@ -174,6 +174,7 @@ class KVMigrator:
         self._device: dict[str, Any] | None = None
         self._engine_pool: HBMPool | None = None
         self._submit_lock = threading.Lock()
+        self._writing: dict[int, asyncio.Future] = {}  # id(block) -> the end of the plan writing it to disk
         self.stats: dict[str, DirectionStats] = {}
 
     # ------------------------------------------------------------------ public
@@ -246,9 +247,13 @@ class KVMigrator:
         result = MigrationResult(src, dst)
         stats = self.stats.setdefault(f"{src.name}->{dst.name}", DirectionStats())
         blocks: list[Residency] = []
+        elsewhere: list[asyncio.Future] = []  # writes of some of these blocks that other plans have in flight
         for r in plan.blocks:
             if r.dropped or src not in r.copies or dst in r.copies:
                 result.skipped.append(r)
+            elif dst is Tier.DISK and id(r) in self._writing:
+                result.skipped.append(r)
+                elsewhere.append(self._writing[id(r)])
             else:
                 blocks.append(r)
         if dst is Tier.DISK:
@@ -257,11 +262,35 @@ class KVMigrator:
             if linked:
                 result.moved += linked
                 blocks = [r for r in blocks if Tier.DISK not in r.copies]
-        if not blocks:
-            if not plan.keep_source:
-                for r in result.moved:
-                    hier.drop_copy(r, src)
-            return result
+            # NOTE: one write per block at a time. Two requests that saved the same prompt both ask for its
+            # write-down; the store would refuse the second record of one name (a spurious failure), so the
+            # later plan waits for the earlier one's write instead.
+            done = asyncio.get_running_loop().create_future()
+            for r in blocks:
+                self._writing[id(r)] = done
+            try:
+                if blocks:
+                    await self._run_blocks(plan, result, blocks, stats)
+            finally:
+                for r in blocks:
+                    if self._writing.get(id(r)) is done:
+                        del self._writing[id(r)]
+                done.set_result(None)
+            if elsewhere:
+                await asyncio.wait(elsewhere)  # never cancels them: they are other plans'
+        elif blocks:
+            await self._run_blocks(plan, result, blocks, stats)
+        if not plan.keep_source:
+            for r in result.moved:
+                hier.drop_copy(r, src)
+        return result
+
+    async def _run_blocks(
+        self, plan: MigrationPlan, result: MigrationResult, blocks: list[Residency], stats: DirectionStats
+    ) -> None:
+        """Lease ``blocks``, claim their destination slots, move the bytes, commit; fills ``result``."""
+        hier = self.hierarchy
+        src, dst = result.src, result.dst
         src_slots = [r.copies[src] for r in blocks]
         while any(s.moving for s in src_slots):  # a disk relocation is in flight: let it finish
             await asyncio.sleep(0.001)
@@ -318,10 +347,6 @@ class KVMigrator:
             hier.unlease(blocks, slots=src_slots)
         for r in result.missed:
             hier.discard_invalid(r, src)
-        if not plan.keep_source:
-            for r in result.moved:
-                hier.drop_copy(r, src)
-        return result
 
     async def _transfer(
         self,

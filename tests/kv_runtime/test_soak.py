@@ -12,6 +12,7 @@ under another cache salt: the blocks recovered there are foreign, and must make 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class Engine:
     requests: int = 0
     history: list[RequestKeys] = field(default_factory=list)
 
-    async def request(self, tokens: np.ndarray, tenant: str = "") -> RequestKeys:
+    async def request(self, tokens: np.ndarray, tenant: str = "", *, drain: bool = True) -> RequestKeys:
         svc = self.svc
         rk = self.keyer.request(tokens)
         ddr = svc.hierarchy.pool(Tier.DDR)
@@ -100,7 +101,12 @@ class Engine:
             for i, slot in enumerate(slots):
                 ddr.view(slot).fill_((first + i) % 251)
 
-        await svc.save(rk, first, rk.num_blocks - first, BB, copy_out, tenant)
+        save = svc.save(rk, first, rk.num_blocks - first, BB, copy_out, tenant)
+        if not drain:  # the engine's way: the save runs in the background while the next request starts
+            svc.spawn(save)
+            self.history.append(rk)
+            return rk
+        await save
         await svc.drain()
         self.requests += 1
         self.history.append(rk)
@@ -112,6 +118,17 @@ class Engine:
 
     def failures(self) -> dict:
         return self.svc.snapshot()["cache_failures"]
+
+
+def check_slots(svc: TierService) -> None:
+    """No slot lost: every live slot of a tier is a resident block's copy there (or, on disk, a recovered block
+    waiting for a request), so a tier can never fill up with slots nobody holds."""
+    for tier, pool in svc.hierarchy.pools.items():
+        held = {id(r.copies[tier]) for r in svc.hierarchy.blocks_in(tier)}
+        if tier is Tier.DISK:
+            held |= {id(slot) for slot in svc.hierarchy.blocks._recovered[tier].values()}
+        live = {id(s) for s in pool.live_slots()}
+        assert live == held, f"{tier.name}: {len(live - held)} slots held by no block"
 
 
 def check_cached(engine: Engine, rk: RequestKeys, mode: str, step: int) -> None:
@@ -287,5 +304,66 @@ async def test_blocks_not_cached_are_counted_per_tier_and_reason_and_logged_once
         assert len(no_room) == 1 and no_room[0].levelno == logging.INFO and no_room[0].exc_info is None
         rk = await engine.request(prompt(80_102))  # the leases went back: caching resumes
         check_cached(engine, rk, "write-through", 0)
+    finally:
+        await svc.close()
+
+
+async def test_two_write_downs_of_one_block_write_it_once_and_lose_no_slot(tmp_path):
+    """A demotion (make_room) and a write-down (another request saved the same prompt) of the same blocks at
+    once: one write each, the demotion's DDR copies drop only once nothing reads them, no slot is lost."""
+    svc = await open_service(tmp_path / "cache", ddr_blocks=8, disk_blocks=10, write_mode="selective")
+    try:
+        rk = keyer().request(prompt(90_000))
+        nodes = svc.hierarchy.put(rk, 0, torch.zeros((PROMPT_BLOCKS, BB), dtype=torch.uint8))
+        blocks = [n.payload for n in nodes]
+        written = await asyncio.gather(svc.write_down(blocks, keep_source=False), svc.write_down(blocks))
+        assert sorted(written) == [0, PROMPT_BLOCKS]
+        assert all(Tier.DISK in r.copies for r in blocks)
+        assert svc.hierarchy.pool(Tier.DISK).store.stats()["writes"] == PROMPT_BLOCKS
+        assert svc.snapshot()["cache_failures"] == {}
+        check_slots(svc)
+    finally:
+        await svc.close()
+
+
+async def test_a_demotion_keeps_a_ddr_copy_that_another_copy_is_reading(tmp_path):
+    svc = await open_service(tmp_path / "cache", ddr_blocks=8, disk_blocks=10, write_mode="write-back")
+    try:
+        rk = keyer().request(prompt(91_000))
+        nodes = svc.hierarchy.put(rk, 0, torch.zeros((PROMPT_BLOCKS, BB), dtype=torch.uint8))
+        ddr = svc.hierarchy.pool(Tier.DDR)
+        reading = nodes[1].payload.copies[Tier.DDR]
+        ddr.acquire_io(reading)  # another migration's source
+        await svc.write_down([n.payload for n in nodes], keep_source=False)
+        assert [set(n.payload.copies) for n in nodes] == [{Tier.DISK}, {Tier.DDR, Tier.DISK}, {Tier.DISK}]
+        check_slots(svc)
+        ddr.release_io(reading)
+        assert svc.hierarchy.evict(Tier.DDR, BB) == ddr.reserve_bytes(BB)  # a redundant copy: the next victim
+        assert ddr.live_bytes == 0
+        check_slots(svc)
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("mode", ["write-through", "write-back"])
+async def test_concurrent_requests_with_background_saves_lose_no_slot(tmp_path, mode):
+    """Two requests at a time, their saves (and write-downs, demotions) in the background, a third of the
+    prompts repeated: after each pair every tier's slots are still all held by blocks, and a new prompt is
+    cached."""
+    svc = await open_service(tmp_path / "cache", ddr_blocks=16, disk_blocks=24, write_mode=mode)
+    engine = Engine(svc, keyer())
+    rng = np.random.default_rng(11)
+    try:
+        for i in range(0, REQUESTS, 2):
+            seeds = [
+                92_000 + i + j if (i + j) % 3 else 92_000 + int(rng.integers(max(0, i - 8), i + 1)) for j in (0, 1)
+            ]
+            await asyncio.gather(*(engine.request(prompt(s, blocks=2 + s % 3), drain=False) for s in seeds))
+            await svc.drain()
+            check_slots(svc)
+            rk = await engine.request(prompt(1_000_000 + i))
+            check_cached(engine, rk, mode, i)
+        failures = svc.snapshot()["cache_failures"]
+        assert not {"error", "refused", "write_error"} & {r for t in failures.values() for r in t}, failures
     finally:
         await svc.close()
