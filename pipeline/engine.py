@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -49,6 +50,8 @@ from kv_runtime.service import NO_ROOM, TierService
 from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, PinnedError, StaleNodeError
 
 Prompt = str | Sequence[int] | Sequence[dict]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +148,13 @@ class KVTierEngine:
             await self.service.close()
             raise
         self.metrics.registry_damaged(len(self.contexts.moved_aside))
+        vocab = self.validator.limits.vocab_size
         for ctx in self.contexts.all():
             if ctx.expired():
+                self.contexts.delete(ctx.context_id)
+            elif not all(0 <= t < vocab for t in ctx.tokens):
+                # a damaged record (this namespace is this model's): every request naming it would fail
+                log.warning("kvtier: dropping shared context %r: token ids outside the vocabulary", ctx.context_id)
                 self.contexts.delete(ctx.context_id)
             elif ctx.pinned:
                 self._pin_context(ctx)

@@ -205,6 +205,22 @@ async def test_the_first_schema_is_migrated_in_place(make_engine, tmp_path):
     db.close()
 
 
+async def test_a_record_with_ids_outside_the_vocabulary_is_dropped_at_start(make_engine, tmp_path, caplog):
+    doc = prompt(BLOCK * 2, seed=63)
+    async with make_engine() as engine:
+        await engine.save_shared_context("good", doc)
+        await engine.save_shared_context("bad", prompt(BLOCK * 2, seed=64))
+    db = sqlite3.connect(_registry(tmp_path / "cache"))
+    db.execute("UPDATE contexts SET tokens = ? WHERE context_id = 'bad'", ((9000).to_bytes(4, "little") * BLOCK,))
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="kv_pipeline"):
+        async with make_engine() as engine:
+            assert [c.context_id for c in engine.list_shared_contexts()] == ["good"]
+            assert pinned(engine) == 2
+    assert any("outside the vocabulary" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("suffix", ["", "-wal"])
 async def test_a_symlinked_registry_is_refused_and_its_target_untouched(make_engine, tmp_path, suffix):
     cache = tmp_path / "cache"
