@@ -11,10 +11,11 @@ import os
 import sqlite3
 
 import pytest
-from pipeline_helpers import BLOCK, prompt, run
+from pipeline_helpers import BLOCK, GATE_S, prompt, run
 
 from kv_io.private_files import UnsafePathError
 from kv_pipeline import ContextStoreError, RequestError, UnknownContextError
+from kv_runtime.pool import PoolFullError
 
 BLOCK_BYTES = 98_304  # qwen2-tiny, fp32, 16-token blocks
 
@@ -68,6 +69,39 @@ async def test_a_failed_replacement_keeps_the_previous_context(make_engine, monk
         assert engine.get_shared_context("c").tokens == tuple(old)
         assert pin_counts(engine, old) == [1] * 3 and pin_counts(engine, new) == [0] * 2
         assert pinned(engine) == 3
+
+
+async def test_no_room_while_persisting_is_the_documented_error(make_engine, monkeypatch):
+    async with make_engine() as engine:
+
+        async def full(residencies):
+            raise PoolFullError("no free extent of 98304 bytes")
+
+        monkeypatch.setattr(engine.service, "persist", full)
+        with pytest.raises(ContextStoreError, match="does not fit") as info:
+            await engine.save_shared_context("c", prompt(BLOCK * 3, seed=65))
+        assert isinstance(info.value.__cause__, PoolFullError)
+        assert pinned(engine) == 0 and engine.list_shared_contexts() == []
+
+
+async def test_a_cancelled_save_releases_its_pins(make_engine, monkeypatch):
+    doc = prompt(BLOCK * 3, seed=66)
+    async with make_engine() as engine:
+        entered = asyncio.Event()
+
+        async def stuck(residencies):
+            entered.set()
+            await asyncio.Event().wait()  # never set: the save is cancelled while here
+
+        monkeypatch.setattr(engine.service, "persist", stuck)
+        task = asyncio.create_task(engine.save_shared_context("c", doc))
+        await asyncio.wait_for(entered.wait(), GATE_S)
+        assert pin_counts(engine, doc) == [1] * 3  # pinned while it persists
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pin_counts(engine, doc) == [0] * 3 and pinned(engine) == 0
+        assert engine.get_shared_context("c") is None and engine._context_locks == {}
 
 
 async def test_a_full_disk_tier_fails_the_save_and_releases_its_pins(make_engine):
