@@ -186,8 +186,12 @@ def leftovers(engine: Any) -> dict[str, int]:
 
 
 def disk_write_failures(engine: Any) -> int:
-    """Blocks whose disk copy could not be written (the migrator's failures into the disk tier)."""
-    return int(sum(v["failures"] for k, v in engine.migrator.direction_stats().items() if str(k).endswith("disk")))
+    """Blocks whose disk copy could not be written: the tiers' ``cache_failures`` for the disk (write errors),
+    or, where the service does not count them, the migrator's failed transfers into the disk tier."""
+    snapshot = engine.service.snapshot()
+    if "cache_failures" in snapshot:
+        return int(snapshot["cache_failures"].get("disk", {}).get("write_error", 0))
+    return int(sum(v["failures"] for k, v in snapshot["transfers"].items() if str(k).endswith("disk")))
 
 
 def rss_bytes() -> int:
@@ -270,10 +274,21 @@ class Bench:
         )
         return KVTierEngine.from_pretrained(self.model_dir, **opts)
 
-    async def spawn(self, mode: str, config: dict[str, Any], stderr_path: Path) -> asyncio.subprocess.Process:
+
+class Child:
+    """A worker process (``faults_worker``). It starts warm: its imports and one model load are done before it
+    prints ``warm`` and waits for ``go`` on stdin, so that its slow start overlaps the parent's own work and the
+    moment it is told to go is the moment it opens the cache."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr_path
+
+    @classmethod
+    async def spawn(cls, mode: str, config: dict[str, Any], stderr_path: Path) -> Child:
         stderr_path.parent.mkdir(parents=True, exist_ok=True)
         with stderr_path.open("wb") as err:
-            return await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "kv_benchmarks.faults_worker",
@@ -281,26 +296,50 @@ class Bench:
                 json.dumps(config),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,
             )
+        return cls(proc, stderr_path)
 
+    async def readline(self) -> str | None:
+        """The child's next line, or None at its end (or after ``CHILD_TIMEOUT_S`` of silence)."""
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), CHILD_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return None
+        return line.decode().strip() if line else None
 
-def _tail(path: Path, n: int = 600) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " ".join(text[-n:].split())
+    async def go(self) -> bool:
+        """Wait until the child is warm, then let it open the cache; False if it ended first."""
+        while (line := await self.readline()) not in (None, "warm"):
+            pass
+        if line is None:
+            return False
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        with contextlib.suppress(ConnectionError):
+            await self.proc.stdin.drain()
+        return True
 
+    def kill(self) -> bool:
+        """SIGKILL, if it still runs; True when the signal was sent."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            self.proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
 
-async def _readline(proc: asyncio.subprocess.Process) -> str | None:
-    """The child's next line, or None at its end (or after ``CHILD_TIMEOUT_S`` of silence)."""
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), CHILD_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        return None
-    return line.decode().strip() if line else None
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    def stderr_tail(self, n: int = 600) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " ".join(text[-n:].split())
 
 
 # ------------------------------------------------------------------ a. SIGKILL mid-write
@@ -315,13 +354,10 @@ async def phase_kill(b: Bench) -> PhaseResult:
     shutil.rmtree(cache.parent, ignore_errors=True)
     rng = np.random.default_rng([b.seed, 0xA])
     seed = b.seed + 11
-    next_prompt = 0
     finished: list[int] = []  # prompts whose request a child completed before it died
     restored = checked_prompts = 0
-    for r in range(b.params["kills"]):
-        start = next_prompt
-        lines_before_kill = int(rng.integers(0, 8))
-        delay_s = float(rng.uniform(0.0, 0.25))
+
+    async def spawn(r: int, start: int) -> Child:
         config = {
             "model": str(b.model_dir),
             "cache_dir": str(cache),
@@ -332,32 +368,39 @@ async def phase_kill(b: Bench) -> PhaseResult:
             "start": start,
             "count": KILL_BATCH,
         }
-        err_path = b.work / "kill" / f"child-{r}.stderr"
-        proc = await b.spawn("kill", config, err_path)
+        return await Child.spawn("kill", config, b.work / "kill" / f"child-{r}.stderr")
+
+    start = 0
+    child = await spawn(0, start) if b.params["kills"] else None
+    for r in range(b.params["kills"]):
+        assert child is not None
+        lines_before_kill = int(rng.integers(0, 8))
+        delay_s = float(rng.uniform(0.0, 0.25))
         done: list[int] = []
         killed = False
-        while (line := await _readline(proc)) not in (None, "ready"):
-            pass
-        if line == "ready":
-            while len(done) < lines_before_kill:
-                line = await _readline(proc)
-                if line is None or not line.startswith("done "):
-                    break
-                done.append(int(line.split()[1]))
-            if proc.returncode is None:
-                await asyncio.sleep(delay_s)
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGKILL)
-                    killed = True
-            while (line := await _readline(proc)) is not None:  # lines printed before the kill landed
-                if line.startswith("done "):
-                    done.append(int(line.split()[1]))
-        rc = await proc.wait()
+        try:
+            if await child.go():
+                while (line := await child.readline()) not in (None, "ready"):
+                    pass
+                while line is not None and len(done) < lines_before_kill:
+                    line = await child.readline()
+                    if line is not None and line.startswith("done "):
+                        done.append(int(line.split()[1]))
+                if line is not None:
+                    await asyncio.sleep(delay_s)
+                    killed = child.kill()
+                while (line := await child.readline()) is not None:  # lines printed before the kill landed
+                    if line.startswith("done "):
+                        done.append(int(line.split()[1]))
+        finally:
+            child.kill()  # whatever happened above, no child outlives its round
+            rc = await child.wait()
         if killed and rc == -signal.SIGKILL:
             res.faults_injected += 1
         elif rc != 0:
-            res.crash(f"kill round {r}: the writing child", f"exit status {rc}; stderr: {_tail(err_path)}")
+            res.crash(
+                f"kill round {r}: the writing child", f"ended before the kill, status {rc}: {child.stderr_tail()}"
+            )
         finished += done
         last = max(done, default=start - 1)
         # the prompts this child finished, the one it was in (or about to start), one it never reached, and
@@ -366,7 +409,9 @@ async def phase_kill(b: Bench) -> PhaseResult:
         earlier = [p for p in finished if p < start]
         if earlier:
             ask += rng.choice(earlier, size=min(4, len(earlier)), replace=False).tolist()
-        next_prompt = last + 3
+        start = last + 3
+        # the next round's child warms up while this round's prompts are checked (it opens the cache on "go")
+        child = await spawn(r + 1, start) if r + 1 < b.params["kills"] else None
         wrong_before = res.wrong_answers
         try:
             async with b.engine(
@@ -533,32 +578,36 @@ async def phase_corrupt(b: Bench) -> PhaseResult:
 # ------------------------------------------------------------------ c. a full filesystem
 
 
-async def phase_fullfs(b: Bench) -> PhaseResult:
-    res = PhaseResult("fullfs")
-    cache = b.work / "fullfs" / "cache"
-    shutil.rmtree(cache.parent, ignore_errors=True)
-    config = {
+def fullfs_config(b: Bench) -> dict[str, Any]:
+    return {
         "model": str(b.model_dir),
-        "cache_dir": str(cache),
+        "cache_dir": str(b.work / "fullfs" / "cache"),
         "block_size": b.block_size,
         "block_bytes": b.block_bytes,
         "seed": b.seed + 21,
         "requests": b.params["fullfs_requests"],
     }
-    err_path = b.work / "fullfs" / "child.stderr"
-    proc = await b.spawn("fullfs", config, err_path)
+
+
+async def phase_fullfs(b: Bench, child: Child | None = None) -> PhaseResult:
+    """``child``: a ``fullfs`` worker spawned (and warming up) earlier, or None to spawn one now."""
+    res = PhaseResult("fullfs")
+    shutil.rmtree(b.work / "fullfs" / "cache", ignore_errors=True)
+    if child is None:
+        child = await Child.spawn("fullfs", fullfs_config(b), b.work / "fullfs" / "child.stderr")
     outcome: dict[str, Any] | None = None
-    while (line := await _readline(proc)) is not None:
-        if line.startswith("{"):
-            outcome = json.loads(line)
-        elif line:
-            b.log(f"fullfs: {line}")
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()  # silent past the timeout
-    rc = await proc.wait()
+    try:
+        if await child.go():
+            while (line := await child.readline()) is not None:
+                if line.startswith("{"):
+                    outcome = json.loads(line)
+                elif line:
+                    b.log(f"fullfs: {line}")
+    finally:
+        child.kill()  # silent past the timeout, or the phase was interrupted
+        rc = await child.wait()
     if outcome is None or rc != 0:
-        res.crash("the child serving under a file-size limit", f"exit status {rc}; stderr: {_tail(err_path)}")
+        res.crash("the child serving under a file-size limit", f"exit status {rc}: {child.stderr_tail()}")
     if outcome is not None:
         res.requests = outcome["requests"]
         res.wrong_answers = outcome["wrong_answers"]
@@ -673,10 +722,38 @@ async def phase_soak(b: Bench) -> PhaseResult:
     history: list[list[int]] = []
     samples: list[tuple[int, int]] = []
     restored = 0
+    sample_every = max(1, min(10, total // 30))  # RSS samples: enough in the second half for a slope
     started = time.perf_counter()
     async with b.engine(
         cache, ddr_blocks=SOAK_DDR_BLOCKS, disk_blocks=SOAK_DISK_BLOCKS, write_mode="write-back"
     ) as engine:
+
+        async def soak_request(i: int) -> None:
+            nonlocal history, restored
+            u = rng.random()
+            if u < 0.4 and history:
+                kinds["repeat"] += 1  # recent prompts more often than old ones
+                tokens = history[max(0, len(history) - 1 - int(rng.geometric(0.15)))]
+            elif u < 0.75:
+                kinds["shared_prefix"] += 1
+                tokens = family_prompt(seed, 10_000 + i, b.block_size, families=SOAK_FAMILIES)
+            else:
+                kinds["new"] += 1
+                tokens = token_run(seed, 8, i, int(rng.integers(b.block_size, 8 * b.block_size)))
+            history = [*history[-255:], tokens]
+            if i % 7 == 3:
+                kinds["generate"] += 1
+                outs = [o async for o in engine.generate(tokens, max_new_tokens=4, session_id=f"s{i % 4}")]
+                res.requests += 1
+                if [o.token_id for o in outs] != greedy_baseline(engine.model, tokens, 4):
+                    res.wrong_answers += 1
+                    res.errors.append(f"wrong answer: soak request {i}: greedy tokens differ")
+                restored += sum((outs[-1].metrics.reused_tokens if outs[-1].metrics else {}).values())
+            else:
+                checked = await check_logits(engine, tokens)
+                res.count(checked, f"soak request {i}")
+                restored += checked.reused
+
         for i in range(total):
             try:
                 if every and i % every == every - 1:
@@ -690,33 +767,11 @@ async def phase_soak(b: Bench) -> PhaseResult:
                         res.caching_stalls += 1
                         res.errors.append(f"caching stall: soak request {i}: {found} of {rk.num_blocks} blocks cached")
                     history.append(tokens)
-                    continue
-                u = rng.random()
-                if u < 0.4 and history:
-                    kinds["repeat"] += 1  # recent prompts more often than old ones
-                    tokens = history[max(0, len(history) - 1 - int(rng.geometric(0.15)))]
-                elif u < 0.75:
-                    kinds["shared_prefix"] += 1
-                    tokens = family_prompt(seed, 10_000 + i, b.block_size, families=SOAK_FAMILIES)
                 else:
-                    kinds["new"] += 1
-                    tokens = token_run(seed, 8, i, int(rng.integers(b.block_size, 8 * b.block_size)))
-                history = [*history[-255:], tokens]
-                if i % 7 == 3:
-                    kinds["generate"] += 1
-                    outs = [o async for o in engine.generate(tokens, max_new_tokens=4, session_id=f"s{i % 4}")]
-                    res.requests += 1
-                    if [o.token_id for o in outs] != greedy_baseline(engine.model, tokens, 4):
-                        res.wrong_answers += 1
-                        res.errors.append(f"wrong answer: soak request {i}: greedy tokens differ")
-                    restored += sum((outs[-1].metrics.reused_tokens if outs[-1].metrics else {}).values())
-                else:
-                    checked = await check_logits(engine, tokens)
-                    res.count(checked, f"soak request {i}")
-                    restored += checked.reused
+                    await soak_request(i)
             except Exception as exc:  # a request that raises is a crash; the soak goes on
                 res.crash(f"soak request {i}", exc)
-            if i % 10 == 0 or i == total - 1:
+            if i % sample_every == 0 or i == total - 1:
                 samples.append((i, rss_bytes()))
             if (i + 1) % 100 == 0:
                 b.log(
@@ -798,16 +853,27 @@ async def run_phases(args: argparse.Namespace) -> tuple[list[PhaseResult], dict[
     work = args.work_dir / "faults"
     b = Bench(model_dir, work, args.block_size, block_bytes_of(model_dir, args.block_size), args.seed, params_of(args))
     results = []
-    for name in phases:
-        b.log(f"phase {name}")
-        start = time.perf_counter()
-        res = await RUNNERS[name](b)
-        res.seconds = time.perf_counter() - start
-        b.log(
-            f"phase {name} done in {res.seconds:.0f} s: {res.faults_injected} faults, {res.requests} requests, "
-            f"{res.wrong_answers} wrong, {res.crashes} crashes, {res.leaked_pins} leaked, {res.caching_stalls} stalls"
-        )
-        results.append(res)
+    fullfs_child = None
+    try:
+        for name in phases:
+            if name != "kill" and "fullfs" in phases and fullfs_child is None:
+                # the full-filesystem child starts once no other child is starting, so that its slow start
+                # overlaps the phases that run in this process
+                shutil.rmtree(work / "fullfs", ignore_errors=True)
+                fullfs_child = await Child.spawn("fullfs", fullfs_config(b), work / "fullfs" / "child.stderr")
+            b.log(f"phase {name}")
+            start = time.perf_counter()
+            res = await (phase_fullfs(b, fullfs_child) if name == "fullfs" else RUNNERS[name](b))
+            res.seconds = time.perf_counter() - start
+            b.log(
+                f"phase {name} done in {res.seconds:.0f} s: {res.faults_injected} faults, {res.requests} requests, "
+                f"{res.wrong_answers} wrong, {res.crashes} crashes, {res.leaked_pins} leaked, "
+                f"{res.caching_stalls} stalls"
+            )
+            results.append(res)
+    finally:
+        if fullfs_child is not None and fullfs_child.kill():
+            await fullfs_child.wait()
     config = {
         "model": str(model_dir),
         "block_size": args.block_size,

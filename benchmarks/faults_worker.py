@@ -1,6 +1,8 @@
 """The child processes of ``kvtier bench faults``, run as ``python -m kv_benchmarks.faults_worker MODE CONFIG``.
 
-``CONFIG`` is one JSON object. Lines on stdout are the protocol; logs go to stderr.
+``CONFIG`` is one JSON object. Lines on stdout are the protocol; logs go to stderr. Every child first imports
+everything and loads the model once, prints ``warm`` and waits for a ``go`` line on stdin before it touches the
+cache directory: its slow start overlaps the parent's work, and the parent decides when it opens the cache.
 
 ``kill``
     open an engine with a disk tier (write-through) on ``cache_dir``, print ``ready``, then serve prompts
@@ -10,7 +12,7 @@
     open an engine, serve a few requests, then lower ``RLIMIT_FSIZE`` so that writes past it fail with EFBIG
     (SIGXFSZ ignored): the disk tier's slab is preallocated, so its slots beyond the limit, and the growth of
     its SQLite write-ahead log, become unwritable. Serve ``requests`` requests under the limit and a quarter as
-    many once it is lifted, each checked against a full prefill; print progress lines, then one JSON line.
+    many (at least 4) once it is lifted, each checked against a full prefill; print progress lines, then one JSON line.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ async def fullfs(cfg: dict[str, Any]) -> int:
         under = disk_write_failures(engine) - before
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         disk_blocks_before = engine.service.snapshot()["blocks"].get("disk", 0)
-        after = cfg["requests"] // 4
+        after = max(4, cfg["requests"] // 4)
         for i in range(4 + cfg["requests"], 4 + cfg["requests"] + after):
             await one(engine, i)
         await engine.scheduler.drain()
@@ -119,6 +121,7 @@ async def fullfs(cfg: dict[str, Any]) -> int:
             disk_write_failures_after_space_back=disk_write_failures(engine) - before - under,
             disk_blocks_when_space_came_back=disk_blocks_before,
             disk_blocks_at_end=snapshot["blocks"].get("disk", 0),
+            cache_failures=snapshot.get("cache_failures", {}),
             requests_after_space_back=after,
             tokens_restored=restored,
             leaked_pins=sum(leftovers(engine).values()),
@@ -127,8 +130,20 @@ async def fullfs(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def warm_up(cfg: dict[str, Any]) -> None:
+    """Import everything and load the model once, before the parent says go: the slow part of a start."""
+    from kv_pipeline import KVTierEngine  # noqa: F401
+    from kv_runtime.backends.hf_backend import HFModel
+
+    HFModel(cfg["model"], device="cpu", block_size=cfg["block_size"])
+
+
 def main(argv: list[str]) -> int:
     mode, cfg = argv[0], json.loads(argv[1])
+    warm_up(cfg)
+    print("warm", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 0  # the parent went away or changed its mind
     return asyncio.run({"kill": kill, "fullfs": fullfs}[mode](cfg))
 
 
