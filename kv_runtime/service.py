@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -37,9 +38,10 @@ from typing import Any
 
 import torch
 
+from kv_io.private_files import ensure_private_dir
 from kv_policy import BlockInfo, CostBenefitModel, LoadPlan, MigrationPolicy, ModelShape, TierLink
 from kv_runtime.budget import ByteBudget
-from kv_runtime.config import KVTierConfig
+from kv_runtime.config import ConfigError, KVTierConfig
 from kv_runtime.hierarchy import ERROR, PARENT_EVICTED, HierarchyManager, Residency
 from kv_runtime.hierarchy import NO_ROOM as NO_ROOM_REASON
 from kv_runtime.layout import KVLayout
@@ -101,6 +103,16 @@ def _load_everything(n: int) -> LoadPlan:
     return LoadPlan("load", n, 0, n, {}, 0.0, float("inf"), 0.0, float("inf"))
 
 
+def _check_host_memory(ddr_bytes: int) -> None:
+    """A DDR tier is allocated (and pinned, where there is CUDA) whole at start: a size beyond this machine's
+    memory is a configuration mistake, refused before the allocation rather than failing inside it."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if ddr_bytes > total:
+        raise ConfigError(
+            f"ddr_bytes: {ddr_bytes / 2**30:.1f} GiB asked, this machine has {total / 2**30:.1f} GiB of memory"
+        )
+
+
 class TierService:
     """kvtier's tiers, index, migrator, cost model and migration policy behind one request lifecycle."""
 
@@ -147,11 +159,13 @@ class TierService:
         restart), the migrator, the cost model with the configured or measured priors, and the migration policy.
         Called on the event loop the service will run its transfers on."""
         config.check_engine()
+        _check_host_memory(config.ddr_bytes)
         # NOTE: a normal tensor, even where the loop runs under inference mode (LMDeploy's): any thread may
         # then write into it, and copies into it under inference mode are allowed too.
         with torch.inference_mode(False):
             pools: dict[Tier, Any] = {Tier.DDR: DDRPool(config.ddr_bytes)}
         if config.disk_bytes:
+            ensure_private_dir(config.cache_dir)  # the top directory too: it also holds contexts and hashes
             pools[Tier.DISK] = await DiskPool.open_sized(
                 Path(config.cache_dir) / "blocks", config.disk_bytes, io_threads=config.io_threads
             )

@@ -11,7 +11,8 @@ import torch
 from runtime_helpers import BLOCK_TOKENS, block_bytes, tokens
 
 from kv_io.disk_format import HEADER_BYTES
-from kv_runtime.config import KVTierConfig
+from kv_io.private_files import UnsafePathError
+from kv_runtime.config import ConfigError, KVTierConfig
 from kv_runtime.layout import KVLayout
 from kv_runtime.migrator import MigrationPlan
 from kv_runtime.pool import DDRPool, Tier
@@ -212,3 +213,14 @@ async def test_a_load_with_little_room_left_retries_until_every_block_came_throu
         svc.release(lease)
     finally:
         await svc.close()
+
+
+async def test_a_ddr_tier_larger_than_the_machine_and_an_open_cache_directory_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"ddr_bytes: .* GiB asked, this machine has"):
+        await open_service(tmp_path, ddr_blocks=(1 << 60) // BB)
+    shared = tmp_path / "cache"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(UnsafePathError, match="writable by group or others"):
+        await open_service(tmp_path, ddr_blocks=8)
+    assert not (shared / "blocks").exists()  # refused before anything was created in it
