@@ -12,6 +12,8 @@ The header occupies a whole 4096-byte page so the payload starts on an O_DIRECT 
 straight into an aligned buffer without a bounce copy. The header carries its own checksum so a torn or stale
 header is told apart from a corrupt payload, and it names its namespace and key so a slot that was reused, or a
 metadata row that points at the wrong slot, is detected on read instead of returning another block's bytes.
+Self-describing and checksummed, headers also make the slabs their own index: a store whose index is lost or
+damaged rebuilds it by walking the slabs' aligned offsets (`disk_store._scan_slab`).
 
 Nothing here is pickle or any other self-describing object format: decoding never runs code.
 """

@@ -725,33 +725,33 @@ class DiskStore:
         if not existed:
             _fsync_dir(self.directory)  # the file's name must be durable before any row points into it
 
-    def _connect(self, path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is durable when it returns, so "published" survives power loss, not only a crash.
-            db.execute("PRAGMA synchronous=FULL")
-        except BaseException:
-            db.close()
-            raise
-        return db
+    @staticmethod
+    def _durable(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is durable when it returns, so "published" survives power loss, not only a crash.
+        db.execute("PRAGMA synchronous=FULL")
 
     def _open_index(self, sizes: list[int]) -> list[Any]:
         """On the SQLite thread: open the index and return its rows. A damaged one (not a database, corrupt,
         another schema) is moved aside and rebuilt from the slabs, and so is a missing or empty one while slab
         files exist."""
         path = self.directory / DB_NAME
-        # SQLite opens these itself (following links): check them first. Nobody else can create entries in the
-        # private directory afterwards.
-        existed = check_private_file(path)
-        for suffix in ("-wal", "-shm"):
-            check_private_file(self.directory / f"{DB_NAME}{suffix}")
+        # SQLite opens these itself (following links): check them first, and take group/other bits away. Nobody
+        # else can create entries in the private directory afterwards.
+        existed = False
+        for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+            if check_private_file(self.directory / name):
+                os.close(open_private(self.directory / name, os.O_RDONLY))
+                existed = existed or name == DB_NAME
         damage = None
         if existed:
             try:
-                self._db = self._connect(path)
-                damage = _schema_problem(self._db)
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                # Read-only checks first, before WAL mode is set: a damaged file is moved aside as it was.
+                (check,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+                damage = f"integrity check: {check}" if check != "ok" else _schema_problem(self._db)
                 if damage is None and _schema_signature(self._db)[0]:
+                    self._durable(self._db)
                     self._db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
                     return self._db.execute(_SELECT_ROWS).fetchall()
             except sqlite3.DatabaseError as e:
@@ -759,15 +759,15 @@ class DiskStore:
                     raise
                 damage = str(e)
             if damage is not None:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
+                self._db.close()
+                self._db = None
                 self._move_aside(path, damage)
         if self._db is None:
             # SQLite gives its -wal and -shm files the database file's permissions, so creating it 0o600 first
             # keeps all three private.
             os.close(open_private(path, os.O_RDWR, create=True))
-            self._db = self._connect(path)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._durable(self._db)
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
         if damage is None:
