@@ -54,13 +54,13 @@ CHILD_TIMEOUT_S = 300.0  # a child that prints nothing for this long is a crash 
 VOCAB_TOP = 8000  # prompt token ids in [2, VOCAB_TOP): inside every reference shape's vocabulary, no EOS
 
 QUICK = dict(
-    kills=4,
+    kills=3,
     corrupt_rounds=1,
     corrupt_prompts=6,
     fullfs_requests=40,
     requests=50,
     cancel_rounds=1,
-    soak_requests=600,
+    soak_requests=500,
     check_every=25,
 )
 FULL = dict(
@@ -91,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("kvtier-work"), help="built model and caches")
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)} (default all)"
+    )
+    parser.add_argument(
+        "--damages",
+        default=",".join(DAMAGES),
+        help=f"phase corrupt's damage kinds, of {', '.join(DAMAGES)} (default all)",
     )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block (small: many blocks)")
     parser.add_argument("--seed", type=int, default=0)
@@ -258,6 +263,7 @@ class Bench:
     block_bytes: int
     seed: int
     params: dict[str, int]
+    damages: tuple[str, ...] = DAMAGES
 
     def log(self, msg: str) -> None:
         print(f"[faults {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -507,7 +513,7 @@ async def phase_corrupt(b: Bench) -> PhaseResult:
     n = b.params["corrupt_prompts"]
     by_kind: dict[str, dict[str, int]] = {}
     for rnd in range(b.params["corrupt_rounds"]):
-        for d, kind in enumerate(DAMAGES):
+        for d, kind in enumerate(b.damages):
             seed = b.seed + 1000 + 100 * rnd + d
             cache = b.work / "corrupt" / f"{kind}-{rnd}"
             shutil.rmtree(cache, ignore_errors=True)
@@ -849,9 +855,14 @@ async def run_phases(args: argparse.Namespace) -> tuple[list[PhaseResult], dict[
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         raise ValueError(f"unknown phases {unknown}; known: {', '.join(PHASES)}")
+    damages = tuple(d.strip() for d in args.damages.split(",") if d.strip())
+    unknown = sorted(set(damages) - set(DAMAGES))
+    if unknown:
+        raise ValueError(f"unknown damages {unknown}; known: {', '.join(DAMAGES)}")
     model_dir = args.model or build_model_dir(args.work_dir / f"model-{args.shape}", args.shape, peaked=True)
     work = args.work_dir / "faults"
-    b = Bench(model_dir, work, args.block_size, block_bytes_of(model_dir, args.block_size), args.seed, params_of(args))
+    block_bytes = block_bytes_of(model_dir, args.block_size)
+    b = Bench(model_dir, work, args.block_size, block_bytes, args.seed, params_of(args), damages)
     results = []
     fullfs_child = None
     try:
@@ -880,6 +891,7 @@ async def run_phases(args: argparse.Namespace) -> tuple[list[PhaseResult], dict[
         "block_bytes": b.block_bytes,
         "seed": args.seed,
         "phases": phases,
+        "damages": list(damages),
         **b.params,
         "atol": ATOL,
     }
