@@ -10,8 +10,9 @@ moves idle slots and updates their handles in place, so a holder's handle stays 
 - :class:`DDRPool` is one host allocation (pinned when CUDA is present, so copies to and from the GPU never
   go through pageable memory) carved into variable-size extents; compaction slides live extents down with
   ``memmove``.
-- :class:`DiskPool` carves preallocated slab files into extents; the bytes, their format and their
-  durability belong to ``kv_io.disk_store.DiskStore``. Compaction moves a block only into a hole that does not
+- :class:`DiskPool` carves slab files into extents (the store creates and preallocates each file on its first
+  write, and the allocator fills the lowest slabs first, so a cache uses only the files it needs); the bytes,
+  their format and their durability belong to ``kv_io.disk_store.DiskStore``. Compaction moves a block only into a hole that does not
   overlap it (``DiskStore.relocate``), so a crash during defragmentation loses nothing: the old copy stays
   valid until the new one is durable.
 
