@@ -17,15 +17,18 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import torch
 
 from kv_pipeline.config import KVTierConfig
 from kv_pipeline.metrics import PipelineMetrics
+from kv_pipeline.requests import RequestError, RequestLimits, RequestValidator
 from kv_pipeline.scheduler import RequestMetrics
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | Sequence[dict]
 
 
 def engine_config(config: KVTierConfig, **options: Any):
@@ -54,8 +57,6 @@ def engine_config(config: KVTierConfig, **options: Any):
 
 
 def _block_bytes(config: KVTierConfig) -> int:
-    import orjson
-
     from kv_runtime.layout import KVLayout
 
     model_config = orjson.loads((Path(config.model) / "config.json").read_bytes())
@@ -78,6 +79,8 @@ class LMDeployKVTierEngine:
         self.engine_options = {"logprobs_mode": "raw_logits", **engine_options}
         self.metrics = PipelineMetrics()
         self._session_ids = itertools.count(1)
+        self._tokenizer = None
+        self.validator = self.make_validator()
         self._started = False
 
     async def __aenter__(self) -> LMDeployKVTierEngine:
@@ -103,7 +106,6 @@ class LMDeployKVTierEngine:
         if len(stores) != 1:
             raise RuntimeError(f"expected one kvtier store in this process, found {len(stores)}")
         self.store = stores[0]
-        self._tokenizer = None
         self._started = True
 
     async def close(self) -> None:
@@ -123,13 +125,13 @@ class LMDeployKVTierEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         return self._tokenizer
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        tokens = [int(t) for t in prompt]
-        if not tokens:
-            raise ValueError("a prompt needs at least one token")
-        return tokens
+    def make_validator(self) -> RequestValidator:
+        """The same request checks as the transformers engine's, from the model's config.json and tokenizer
+        (no engine needed)."""
+        from kv_runtime.backends.hf_backend import encode_with
+
+        config = SimpleNamespace(**orjson.loads((Path(self.config.model) / "config.json").read_bytes()))
+        return RequestValidator(RequestLimits.from_config(config), lambda p: encode_with(self.tokenizer, p))
 
     # ------------------------------------------------------------------ generation
 
@@ -154,12 +156,16 @@ class LMDeployKVTierEngine:
         token (``{token id: logit}`` per token); LMDeploy's PyTorch engine returns no full logits rows while
         generating.
         """
+        check = self.validator
+        session_id = check.identifier(session_id, "session_id")
+        max_new_tokens = check.max_new_tokens(max_new_tokens)
+        if not isinstance(top_logits, int) or isinstance(top_logits, bool) or top_logits < 0:
+            raise RequestError(f"top_logits must be an integer >= 0, got {top_logits!r}")
+        tokens = check.prompt(prompt)
+        check.fits(len(tokens), max_new_tokens)
         from lmdeploy import GenerationConfig
         from lmdeploy.messages import ResponseType
 
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tokens = self.encode(prompt)
         m = RequestMetrics(prompt_tokens=len(tokens), plan="engine")
         t0 = time.perf_counter()
         if split:

@@ -150,12 +150,18 @@ class HFModel:
 
     def encode(self, content: str | Sequence[int] | Sequence[dict]) -> list[int]:
         """Token ids of a prompt: text, chat messages (``{"role", "content"}``) or ids as they are."""
-        if isinstance(content, str):
-            return list(self.tokenizer(content, add_special_tokens=False)["input_ids"])
-        items = list(content)
-        if items and isinstance(items[0], dict):
-            if getattr(self.tokenizer, "chat_template", None):
-                return list(self.tokenizer.apply_chat_template(items, tokenize=True))
-            text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in items)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return [int(t) for t in items]
+        return encode_with(self.tokenizer, content)
+
+
+def encode_with(tokenizer: Any, content: str | Sequence[int] | Sequence[dict]) -> list[int]:
+    """Token ids of a prompt through a transformers tokenizer: text, chat messages (``{"role", "content"}``,
+    through the model's chat template where it has one) or ids as they are. Both engines encode with it."""
+    if isinstance(content, str):
+        return list(tokenizer(content, add_special_tokens=False)["input_ids"])
+    items = list(content)
+    if items and isinstance(items[0], dict):
+        if getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.apply_chat_template(items, tokenize=True))
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in items)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [int(t) for t in items]
