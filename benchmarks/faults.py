@@ -17,8 +17,9 @@ faults it injected and checking every answer it got against a full prefill of th
     a child process (``faults_worker fullfs``) serves requests under ``RLIMIT_FSIZE`` (SIGXFSZ ignored, so
     writes past the limit fail with EFBIG): the disk tier's writes fail, the requests must not.
 ``cancel``
-    rounds of concurrent ``generate`` streams, a seeded subset cancelled (task cancel at a seeded delay, or the
-    stream closed after a seeded number of tokens); afterwards nothing is left pinned, busy or in flight.
+    rounds of concurrent ``generate`` streams, a seeded subset cancelled: the task cancelled at a seeded delay
+    (queued, loading, prefilling or decoding) or after a seeded number of tokens, or the stream closed after one;
+    every token a stream got equals the greedy baseline's, and afterwards nothing is pinned, busy or in flight.
 ``soak``
     many requests (repeated prompts, shared prefixes with new tails, new prompts) on small DDR and disk tiers;
     every ``--check-every`` requests a new prompt's blocks must be found cached once write-back drained (a miss
@@ -635,6 +636,8 @@ async def phase_fullfs(b: Bench, child: Child | None = None) -> PhaseResult:
 
 CANCEL_DDR_BLOCKS, CANCEL_DISK_BLOCKS = 128, 384
 CANCEL_NEW_TOKENS = 8
+CANCEL_MODES = ("complete", "cancel_at_time", "cancel_at_token", "close")
+CANCEL_SPREAD_S_PER_STREAM = 0.15  # timed cancels fall in [0, this x streams) s: about a round on 2 cores
 
 
 async def phase_cancel(b: Bench) -> PhaseResult:
@@ -644,8 +647,14 @@ async def phase_cancel(b: Bench) -> PhaseResult:
     rng = np.random.default_rng([b.seed, 0xD])
     seed = b.seed + 31
     n = b.params["requests"]
-    modes = {"complete": 0, "cancel": 0, "close": 0}
-    outcomes = {"completed": 0, "cancelled": 0, "closed": 0, "cancelled_before_first_token": 0}
+    modes = dict.fromkeys(CANCEL_MODES, 0)
+    outcomes = {
+        "completed": 0,
+        "cancelled": 0,
+        "closed": 0,
+        "cancelled_before_first_token": 0,
+        "cancelled_mid_stream": 0,
+    }
     async with b.engine(
         cache, ddr_blocks=CANCEL_DDR_BLOCKS, disk_blocks=CANCEL_DISK_BLOCKS, write_mode="write-through"
     ) as engine:
@@ -655,28 +664,35 @@ async def phase_cancel(b: Bench) -> PhaseResult:
         for rnd in range(b.params["cancel_rounds"]):
             prompts = [family_prompt(seed, 4 + rnd * n + i, b.block_size) for i in range(n)]
             baselines = [greedy_baseline(engine.model, p, CANCEL_NEW_TOKENS) for p in prompts]
-            plan = rng.choice(["complete", "cancel", "close"], size=n, p=[0.5, 0.25, 0.25]).tolist()
-            cancel_after_s = rng.uniform(0.0, 1.5, size=n).tolist()
-            close_after = rng.integers(1, CANCEL_NEW_TOKENS, size=n).tolist()
+            plan = rng.choice(CANCEL_MODES, size=n, p=[0.4, 0.2, 0.2, 0.2]).tolist()
+            # a timed cancel lands anywhere in the round (queued, loading, prefilling, decoding); the others
+            # after a seeded number of tokens
+            cancel_after_s = rng.uniform(0.0, CANCEL_SPREAD_S_PER_STREAM * n, size=n).tolist()
+            after_tokens = rng.integers(1, CANCEL_NEW_TOKENS, size=n).tolist()
             got: list[list[int]] = [[] for _ in range(n)]
             for m in plan:
                 modes[m] += 1
-            res.faults_injected += sum(m != "complete" for m in plan)
 
             async def stream(i: int) -> str:
                 gen = engine.generate(prompts[i], max_new_tokens=CANCEL_NEW_TOKENS, session_id=f"s{i % 8}")  # noqa: B023
                 try:
                     async for out in gen:
                         got[i].append(out.token_id)  # noqa: B023
-                        if plan[i] == "close" and len(got[i]) >= close_after[i]:  # noqa: B023
-                            return "closed"
+                        if len(got[i]) == after_tokens[i]:  # noqa: B023
+                            if plan[i] == "close":  # noqa: B023
+                                return "closed"
+                            if plan[i] == "cancel_at_token":  # noqa: B023
+                                # raised at the stream's next await, inside the engine, mid-decode
+                                asyncio.current_task().cancel()  # type: ignore[union-attr]
                 finally:
                     await gen.aclose()
                 return "completed"
 
             tasks = [asyncio.create_task(stream(i)) for i in range(n)]
             loop = asyncio.get_running_loop()
-            timers = [loop.call_later(cancel_after_s[i], tasks[i].cancel) for i in range(n) if plan[i] == "cancel"]
+            timers = [
+                loop.call_later(cancel_after_s[i], tasks[i].cancel) for i in range(n) if plan[i] == "cancel_at_time"
+            ]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for t in timers:
                 t.cancel()
@@ -685,6 +701,7 @@ async def phase_cancel(b: Bench) -> PhaseResult:
                 if isinstance(r, asyncio.CancelledError):
                     outcomes["cancelled"] += 1
                     outcomes["cancelled_before_first_token"] += not got[i]
+                    outcomes["cancelled_mid_stream"] += bool(got[i])
                 elif isinstance(r, BaseException):
                     res.crash(f"cancel round {rnd}: stream {i}", r)
                     continue
@@ -696,6 +713,9 @@ async def phase_cancel(b: Bench) -> PhaseResult:
                     res.errors.append(
                         f"wrong answer: cancel round {rnd}, stream {i} ({plan[i]}): {got[i]} != {baselines[i]}"
                     )
+            # a timed cancel that came after its stream ended injected nothing: count those that took effect
+            ended_early = sum(isinstance(r, asyncio.CancelledError) or r == "closed" for r in results)
+            res.faults_injected += ended_early
             await engine.scheduler.drain()
             left = leftovers(engine)
             res.leaked_pins += sum(left.values())
@@ -703,7 +723,7 @@ async def phase_cancel(b: Bench) -> PhaseResult:
                 res.errors.append(f"leak after cancel round {rnd}: {left}")
             b.log(
                 f"cancel round {rnd + 1}/{b.params['cancel_rounds']}: {n} streams, "
-                f"{sum(m != 'complete' for m in plan)} cancelled or closed, {res.wrong_answers} wrong so far, "
+                f"{ended_early} cancelled or closed, {res.wrong_answers} wrong so far, "
                 f"left behind {left}"
             )
         res.count(await check_logits(engine, prompts[0]), "a prompt after the cancellations")
