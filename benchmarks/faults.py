@@ -817,6 +817,7 @@ async def phase_soak(b: Bench) -> PhaseResult:
         growth = float(slope * 1000 / 2**20)
     res.detail = {
         "rss_growth_mib_per_1k_requests": growth,
+        "rss_window_requests": [total // 2, total],
         "rss_mib": {
             "start": samples[0][1] / 2**20,
             "half": second[0][1] / 2**20 if second else None,
@@ -942,6 +943,12 @@ def run(args: argparse.Namespace) -> Report:
             notes.append(f"{r.name}: {e}")
         if len(r.errors) > 5:
             notes.append(f"{r.name}: ... and {len(r.errors) - 5} more (faults.json, metrics.phases.{r.name}.errors)")
+    if soak is not None and soak.detail["rss_growth_mib_per_1k_requests"] is not None:
+        lo, hi = soak.detail["rss_window_requests"]
+        notes.append(
+            f"RSS growth is the slope of the resident set over soak requests {lo}-{hi} ({hi - lo} requests; a "
+            "short window, as in --quick, resolves allocator steps of about 1 MiB only coarsely)."
+        )
     notes.append(
         f"Every answer is compared with a full prefill of the same tokens on a fresh cache (logits within {ATOL} "
         "abs; greedy tokens for generate). A crash is an exception the engine raised (a reopen included) or a "
