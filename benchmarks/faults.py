@@ -23,7 +23,8 @@ faults it injected and checking every answer it got against a full prefill of th
 ``soak``
     many requests (repeated prompts, shared prefixes with new tails, new prompts) on small DDR and disk tiers;
     every ``--check-every`` requests a new prompt's blocks must be found cached once write-back drained (a miss
-    is a caching stall); RSS is sampled and its growth over the second half reported per 1,000 requests.
+    is a caching stall); RSS is sampled (after a garbage collection and ``malloc_trim``) and its growth over the
+    second half reported per 1,000 requests.
 
 Timing only chooses *when* a fault lands; no check depends on it. An exception the engine raises (a reopen of a
 damaged directory included) is a crash: it is counted and reported with its message, never retried away.
@@ -198,6 +199,20 @@ def disk_write_failures(engine: Any) -> int:
     if "cache_failures" in snapshot:
         return int(snapshot["cache_failures"].get("disk", {}).get("write_error", 0))
     return int(sum(v["failures"] for k, v in snapshot["transfers"].items() if str(k).endswith("disk")))
+
+
+def settle_memory() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc's ``malloc_trim``, where there is one), so
+    that the resident set sampled next is what is live, not what an earlier phase freed and the allocator kept."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def rss_bytes() -> int:
@@ -798,6 +813,7 @@ async def phase_soak(b: Bench) -> PhaseResult:
             except Exception as exc:  # a request that raises is a crash; the soak goes on
                 res.crash(f"soak request {i}", exc)
             if i % sample_every == 0 or i == total - 1:
+                settle_memory()
                 samples.append((i, rss_bytes()))
             if (i + 1) % 100 == 0:
                 b.log(
@@ -946,8 +962,9 @@ def run(args: argparse.Namespace) -> Report:
     if soak is not None and soak.detail["rss_growth_mib_per_1k_requests"] is not None:
         lo, hi = soak.detail["rss_window_requests"]
         notes.append(
-            f"RSS growth is the slope of the resident set over soak requests {lo}-{hi} ({hi - lo} requests; a "
-            "short window, as in --quick, resolves allocator steps of about 1 MiB only coarsely)."
+            f"RSS growth is the slope of the resident set (sampled after a garbage collection and malloc_trim) "
+            f"over soak requests {lo}-{hi} ({hi - lo} requests; a short window, as in --quick, resolves "
+            "allocator steps of about 1 MiB only coarsely)."
         )
     notes.append(
         f"Every answer is compared with a full prefill of the same tokens on a fresh cache (logits within {ATOL} "
