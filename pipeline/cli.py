@@ -57,7 +57,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     for name, module_name in BENCHMARKS.items():
         module = importlib.import_module(module_name)
         p = names.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        p.add_argument("--quick", action="store_true", help="smaller scale, under a minute on 2 cores")
+        p.add_argument("--quick", action="store_true", help="smaller scale: a few minutes at most on 2 cores")
         p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
         module.add_arguments(p)
         p.set_defaults(run=module.run)
