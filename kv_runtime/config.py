@@ -66,6 +66,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_BLOCK_SIZE = 4096  # tokens per block: LMDeploy uses 16-256; a larger block would rarely be reused whole
 MAX_IO_THREADS = 256  # a disk's useful queue depth is tens of requests (io/README.md), not thousands of threads
+MAX_PREFILL_CHUNK = 1 << 20  # tokens; "never split" in practice: past any model's context length
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # KV dtype names (and the aliases torch and LMDeploy users write) -> the one name both engines pass on.
 _DTYPES = {
@@ -185,6 +186,12 @@ class KVTierConfig(BaseModel):
     """The disk tier's outstanding requests (kv_io's measured default, io/README.md)."""
     max_inflight_bytes: Size = 256 << 20
     """Bound on the bytes of transfers in flight at once (the transformers engine's scheduler)."""
+    prefill_chunk_tokens: Annotated[Count, Field(le=MAX_PREFILL_CHUNK)] = 512
+    """Tokens per prefill turn on the transformers engine's one compute stream: a long prompt is prefilled in
+    chunks of this many tokens, each its own turn, so other contexts' decode steps run between them and no
+    stream waits longer than one chunk (an 8K-token prompt in one turn would stall every stream for its whole
+    prefill). Smaller chunks: smoother streams, a little less prefill throughput. LMDeploy ignores it (its own
+    scheduler batches prefill and decode)."""
     prefill_tflops: Prior = 0.0
     """Prefill throughput the cost model starts from; 0 (default): measured (the transformers engine times one
     calibration prefill), then learned from observed prefills: it differs by orders of magnitude between a CPU

@@ -11,7 +11,8 @@ engine's: the order of compute on its one stream, and the copies in and out of i
    ones promoted and verified in chunks that fit); each chunk is copied into a buffer on the model's device,
    overlapping the front's compute and other requests' compute.
 3. **Compute.** The engine's compute is one stream; contexts take turns on it round-robin (``FairTurn``), per
-   prefill and per decode step, so no session starves. A block that failed to load (corrupt, missing, I/O
+   prefill chunk (``prefill_chunk_tokens``) and per decode step, so no session starves and no stream waits
+   longer than one chunk behind a long prompt. A block that failed to load (corrupt, missing, I/O
    error) and everything after it is recomputed: the answer is the same, only slower.
 4. **Write-back.** After prefill, the prompt's new full blocks are copied into DDR slots and published
    (``TierService.save``) off the critical path; disk writes follow the migration policy and yield to loads.
@@ -34,11 +35,14 @@ import torch
 from kv_pipeline.flow import FairTurn
 from kv_runtime.backend_protocol import completed
 from kv_runtime.backends.hf_backend import HFModel
+from kv_runtime.config import KVTierConfig
 from kv_runtime.hierarchy import Residency
 from kv_runtime.pool import Slot, Tier
 from kv_runtime.service import Lease, LoadResult, TierService
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK: int = KVTierConfig.model_fields["prefill_chunk_tokens"].default
 
 
 @dataclass(slots=True)
@@ -86,10 +90,15 @@ class Scheduler:
         service: TierService,
         *,
         on_request_done: Callable[[RequestMetrics], None] | None = None,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
+        """``prefill_chunk_tokens``: tokens per prefill turn (``KVTierConfig.prefill_chunk_tokens``)."""
+        if prefill_chunk_tokens <= 0:
+            raise ValueError(f"prefill_chunk_tokens must be > 0, got {prefill_chunk_tokens}")
         self.model = model
         self.service = service
         self.block_size = service.block_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.turn = FairTurn()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-compute")
         self._on_done = on_request_done
@@ -174,22 +183,17 @@ class Scheduler:
         return int(torch.multinomial(probs, 1, generator=generator))
 
     async def _prefill(
-        self, req: Request, lease: Lease, load_task: asyncio.Task | None, t0: float
+        self, req: Request, lease: Lease, load_task: asyncio.Task | None, t0: float | None
     ) -> tuple[Any, torch.Tensor]:
         """Front recompute, then the loaded blocks, then the rest of the prompt; returns cache and last logits."""
         m, bs = req.metrics, self.block_size
-        cost = self.service.cost
         tokens = torch.tensor(req.tokens, dtype=torch.long)
         front = lease.plan.recompute_front * bs
         cache = self.model.new_cache()
         compute_s = 0.0
-        async with self.turn.turn(req.context):
-            m.queue_ms = (time.perf_counter() - t0) * 1e3
-            if front:
-                start = time.perf_counter()
-                await self._run_compute(self.model.prefill, tokens[:front], cache)
-                compute_s += time.perf_counter() - start
-                cost.observe_prefill(0, front, time.perf_counter() - start)
+        if front:
+            compute_s += (await self._prefill_chunks(req, tokens, 0, front, cache, t0))[1]
+            t0 = None  # the queue ended with the front's first turn
         loaded = 0
         if load_task is not None:
             blocks = await load_task
@@ -197,14 +201,40 @@ class Scheduler:
             if loaded:
                 cache = await self._run_compute(self.model.cache_from_blocks, blocks, cache)
         done = front + loaded * bs
-        async with self.turn.turn(req.context):
-            start = time.perf_counter()
-            logits = await self._run_compute(self.model.prefill, tokens[done:], cache)
-            compute_s += time.perf_counter() - start
-            cost.observe_prefill(done, len(req.tokens), time.perf_counter() - start)
-        m.compute_ms = compute_s * 1e3
+        logits, seconds = await self._prefill_chunks(req, tokens, done, len(req.tokens), cache, t0)
+        m.compute_ms = (compute_s + seconds) * 1e3
         m.computed_tokens = len(req.tokens) - loaded * bs
         return cache, logits
+
+    async def _prefill_chunks(
+        self, req: Request, tokens: torch.Tensor, start: int, end: int, cache: Any, t0: float | None
+    ) -> tuple[torch.Tensor, float]:
+        """Prefill ``tokens[start:end]`` into ``cache`` in chunks of ``prefill_chunk_tokens``, each its own
+        compute turn; returns the last chunk's logits and the seconds computed. With ``t0`` (the request's
+        start), the request's first turn ends its ``queue_ms``.
+
+        NOTE: one turn per chunk, not per prefill, so that other contexts' decode steps run between the chunks:
+        a stream then waits at most one chunk behind a long prompt, not its whole prefill. The model's prefill
+        appends to the cache at its current length, so the chunks give the logits one prefill would. The cost
+        model learns from every chunk (its prefill cost grows with the start position, which it accounts for).
+        """
+        cost = self.service.cost
+        chunk = self.prefill_chunk_tokens
+        seconds = 0.0
+        logits: torch.Tensor | None = None
+        for lo in range(start, end, chunk):
+            hi = min(lo + chunk, end)
+            async with self.turn.turn(req.context):
+                if t0 is not None:
+                    req.metrics.queue_ms = (time.perf_counter() - t0) * 1e3
+                    t0 = None
+                began = time.perf_counter()
+                logits = await self._run_compute(self.model.prefill, tokens[lo:hi], cache)
+                took = time.perf_counter() - began
+            seconds += took
+            cost.observe_prefill(lo, hi, took)
+        assert logits is not None, "a prefill range is never empty"
+        return logits, seconds
 
     # ------------------------------------------------------------------ loads
 

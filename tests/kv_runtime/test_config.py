@@ -50,6 +50,7 @@ DEFAULTS = {
     "model_revision": "",
     "io_threads": 16,
     "max_inflight_bytes": 256 << 20,
+    "prefill_chunk_tokens": 512,
     "prefill_tflops": 0.0,
     "ddr_gbps": 0.0,
     "disk_gbps": 1.5,
