@@ -12,9 +12,9 @@ moves idle slots and updates their handles in place, so a holder's handle stays 
   ``memmove``.
 - :class:`DiskPool` carves slab files into extents (the store creates and preallocates each file on its first
   write, and the allocator fills the lowest slabs first, so a cache uses only the files it needs); the bytes,
-  their format and their durability belong to ``kv_io.disk_store.DiskStore``. Compaction moves a block only into a hole that does not
-  overlap it (``DiskStore.relocate``), so a crash during defragmentation loses nothing: the old copy stays
-  valid until the new one is durable.
+  their format and their durability belong to ``kv_io.disk_store.DiskStore``. Compaction moves a block only
+  into a hole that does not overlap it (``DiskStore.relocate``), so a crash during defragmentation loses
+  nothing: the old copy stays valid until the new one is durable.
 
 Utilisation is live payload bytes over the bytes *spanned*: for each arena, from its start to the end of its
 highest allocated extent. It measures how tightly live data is packed, which is what fragmentation costs;
