@@ -79,10 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_module.add_arguments(demo)
     _add_bench(sub)
+    _add_serve(sub)
+    return parser
+
+
+LMDEPLOY_ONLY = ("session_len", "cache_max_entry_count")
+HF_ONLY = ("warm_up", "warm_up_seconds", "device")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
-        "serve", help="LMDeploy's OpenAI-compatible server with kvtier's DDR and disk tiers under its prefix cache"
+        "serve",
+        help="an OpenAI-compatible server with kvtier's DDR and disk tiers (the transformers engine, or LMDeploy's)",
+        description="--engine hf (default): kvtier's own server (kv_pipeline.server) over the transformers engine, "
+        "CPU or GPU, with named shared contexts (/v1/shared_contexts) and /metrics. --engine lmdeploy: LMDeploy's "
+        "api_server on its PyTorch engine with kvtier's connector (CUDA). Flags without an engine in their help "
+        "mean the same on both.",
     )
     serve.add_argument("model", help="model directory")
+    serve.add_argument(
+        "--engine", choices=["hf", "lmdeploy"], default="hf", help="which engine serves (default hf: runs anywhere)"
+    )
     serve.add_argument("--config", type=Path, help="kvtier settings file (TOML or JSON); KVTIER_* variables apply")
     serve.add_argument(
         "--preset",
@@ -92,22 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disk-bytes", help="disk tier size, e.g. 200GiB (0: no disk tier)")
     serve.add_argument("--cache-dir", type=Path, help="directory of the disk tier")
     serve.add_argument("--write-mode", choices=["write-through", "selective"], help="when blocks go to disk")
-    serve.add_argument("--block-size", type=positive_int, help="tokens per block (LMDeploy's block_size)")
+    serve.add_argument("--block-size", type=positive_int, help="tokens per block")
     serve.add_argument("--dtype", help="model dtype: auto, bfloat16, float16")
     serve.add_argument("--prefill-tflops", type=positive_float, help="the cost model's prior for prefill throughput")
-    serve.add_argument("--session-len", type=positive_int, help="longest prompt plus output, in tokens")
+    serve.add_argument("--server-name", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--server-port", type=positive_int, default=23333, help="port to listen on (default 23333)")
+    serve.add_argument("--device", help="hf: auto, cpu or cuda[:N] (default auto)")
     serve.add_argument(
-        "--cache-max-entry-count", type=positive_float, help="share of free GPU memory for LMDeploy's KV"
+        "--warm-up",
+        action="store_true",
+        help="hf: before accepting requests, promote pinned shared contexts' and the hottest disk blocks into DDR",
     )
-    serve.add_argument("--server-name", default="0.0.0.0")
-    serve.add_argument("--server-port", type=positive_int, default=23333)
-    return parser
+    serve.add_argument(
+        "--warm-up-seconds", type=positive_float, help="hf: time bound of --warm-up (default 30; implies --warm-up)"
+    )
+    serve.add_argument("--session-len", type=positive_int, help="lmdeploy: longest prompt plus output, in tokens")
+    serve.add_argument(
+        "--cache-max-entry-count", type=positive_float, help="lmdeploy: share of free GPU memory for LMDeploy's KV"
+    )
+    serve.set_defaults(parser=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Start LMDeploy's OpenAI-compatible server on its PyTorch engine with kvtier's connector installed."""
+    """Serve ``args.model`` over HTTP on the engine ``--engine`` names, after checking every setting."""
     from kv_pipeline.config import KVTierConfig
 
+    other = LMDEPLOY_ONLY if args.engine == "hf" else HF_ONLY
+    given = [name for name in other if getattr(args, name) not in (None, False)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        args.parser.error(f"{flags}: not an option of --engine {args.engine}")
     overrides = {
         "ddr_bytes": args.ddr_bytes,
         "disk_bytes": args.disk_bytes,
@@ -116,10 +147,30 @@ def serve(args: argparse.Namespace) -> int:
         "block_size": args.block_size,
         "dtype": args.dtype,
         "prefill_tflops": args.prefill_tflops,
+        "device": args.device,
     }
-    # The settings are checked before LMDeploy is even imported: a mistake costs no engine start.
-    config = KVTierConfig.load(args.config, preset=args.preset, model=args.model, engine="lmdeploy", **overrides)
-    config.check_engine("lmdeploy")
+    # The settings are checked before any engine is imported: a mistake costs no engine start.
+    config = KVTierConfig.load(args.config, preset=args.preset, model=args.model, engine=args.engine, **overrides)
+    config.check_engine(args.engine)
+    if args.engine == "hf":
+        return _serve_hf(args, config)
+    return _serve_lmdeploy(args, config)
+
+
+def _serve_hf(args: argparse.Namespace, config: object) -> int:
+    """kvtier's OpenAI-compatible server (``kv_pipeline.server``) over the transformers engine."""
+    import asyncio
+
+    from kv_pipeline.server import serve_forever
+
+    warm = args.warm_up_seconds if args.warm_up_seconds is not None else (30.0 if args.warm_up else None)
+    level = "info" if args.log_level in ("DEBUG", "INFO") else "warning"
+    asyncio.run(serve_forever(config, args.server_name, args.server_port, warm_up_seconds=warm, log_level=level))
+    return 0
+
+
+def _serve_lmdeploy(args: argparse.Namespace, config: object) -> int:
+    """LMDeploy's OpenAI-compatible server on its PyTorch engine with kvtier's connector installed."""
     from kv_pipeline.lmdeploy_engine import engine_config
     from kv_runtime.backends.lmdeploy_connector import install
 
