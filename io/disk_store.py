@@ -556,6 +556,7 @@ class DiskStore:
         # Slabs whose file exists at full size; the others are created (or re-extended) by their first write.
         self._slab_ready = [False] * num_slabs
         self._slab_lock = asyncio.Lock()
+        self._write_error_kinds: set[int | str] = set()
         self._stats = dict.fromkeys(
             (
                 "reads",
@@ -1031,7 +1032,12 @@ class DiskStore:
         if err is None:
             return sums
         self._stats["write_errors"] += 1
-        log.error("disk write failed, nothing published: %s", err)
+        # A full or failing drive fails every write: the first of each kind is worth a warning, the rest are
+        # counted (write_errors) and logged at DEBUG.
+        kind = getattr(err, "errno", None) or type(err).__name__
+        first = kind not in self._write_error_kinds
+        self._write_error_kinds.add(kind)
+        log.log(logging.WARNING if first else logging.DEBUG, "disk write failed, nothing published: %s", err)
         raise DiskWriteError(f"disk write failed: {err}") from err
 
     async def _commit(self, statements: list[tuple[str, Sequence[Sequence[Any]]]], *, undo: list[Any]) -> None:
