@@ -14,4 +14,5 @@ BENCHMARKS: dict[str, str] = {
     "e2e": "kv_benchmarks.e2e",
     "policy": "kv_policy.benchmarks.policy",
     "faults": "kv_benchmarks.faults",
+    "serve": "kv_benchmarks.serve",
 }
