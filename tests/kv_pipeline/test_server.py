@@ -7,6 +7,7 @@ of an earlier one, so what is cached never depends on timing.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import httpx
@@ -154,6 +155,16 @@ async def test_shared_contexts_over_http(served):
     with pytest.raises(openai.NotFoundError) as missing:
         await client.completions.create(model="m", prompt="hi", extra_body={"shared_context_id": "manual"})
     assert missing.value.body["code"] == "shared_context_not_found"
+
+
+async def test_concurrent_creates_of_one_id_store_it_once(served):
+    engine, server, _ = served
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        answers = await asyncio.gather(
+            *(http.post("/shared_contexts", json={"id": "twin", "prompt": prompt(2 * BLOCK, seed=s)}) for s in (8, 9))
+        )
+    assert sorted(a.status_code for a in answers) == [201, 409]
+    assert [c.context_id for c in engine.list_shared_contexts()] == ["twin"]
 
 
 async def test_refused_requests_are_openai_errors(served):
