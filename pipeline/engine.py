@@ -139,7 +139,7 @@ class KVTierEngine:
             calibrate_prefill=self._calibrate_prefill_tflops,
         )
         self.validator = RequestValidator(RequestLimits.from_config(self.model.config), self.model.encode)
-        self.scheduler = Scheduler(self.model, self.service)
+        self.scheduler = Scheduler(self.model, self.service, prefill_chunk_tokens=cfg.prefill_chunk_tokens)
         registry_path = cfg.cache_dir / "contexts.sqlite3" if self.service.has_disk else None
         try:
             self.contexts = ContextRegistry(registry_path, self.namespace.digest)

@@ -172,3 +172,8 @@ def test_prefill_chunk_tokens_is_a_bounded_positive_count():
 def test_scheduler_refuses_a_chunk_of_no_tokens():
     with pytest.raises(ValueError, match="prefill_chunk_tokens"):
         Scheduler(None, None, prefill_chunk_tokens=0)  # type: ignore[arg-type]
+
+
+async def test_the_configured_chunk_size_reaches_the_scheduler(make_engine):
+    async with make_engine(prefill_chunk_tokens=48) as engine:
+        assert engine.scheduler.prefill_chunk_tokens == 48

@@ -65,6 +65,7 @@ class _Server:
         self.port = _free_port()
         self.log = log
         cmd = [sys.executable, "-m", "kv_pipeline.cli", "--log-level", "INFO", "serve", str(model)]
+        cmd += ["--engine", "lmdeploy"]
         cmd += ["--ddr-bytes", "1GiB", "--disk-bytes", "1GiB", "--cache-dir", str(cache), "--session-len", "8192"]
         # every saved block goes to disk at once (the default, selective, waits for a block's second use)
         cmd += ["--write-mode", "write-through"]
