@@ -6,18 +6,20 @@ cache directory: its slow start overlaps the parent's work, and the parent decid
 
 ``kill``
     open an engine with a disk tier (write-through) on ``cache_dir``, print ``ready``, then serve prompts
-    ``start`` .. ``start + count - 1`` (``faults.family_prompt``) one after the other, printing ``done I`` as
-    each request returns, its write-back still running in the background. The parent SIGKILLs it.
+    ``start``, ``start + 1``, ... (``faults.family_prompt``) one after the other until the parent SIGKILLs it,
+    printing ``done I`` as each request returns, its write-back still running in the background.
 ``fullfs``
     open an engine, serve a few requests, then lower ``RLIMIT_FSIZE`` so that writes past it fail with EFBIG
-    (SIGXFSZ ignored): the disk tier's slab is preallocated, so its slots beyond the limit, and the growth of
-    its SQLite write-ahead log, become unwritable. Serve ``requests`` requests under the limit and a quarter as
-    many (at least 4) once it is lifted, each checked against a full prefill; print progress lines, then one JSON line.
+    (SIGXFSZ ignored): the requests before it created (and preallocated) the first slab file, so its slots
+    beyond the limit, and the growth of its SQLite write-ahead log, become unwritable. Serve ``requests``
+    requests under the limit and a quarter as many (at least 4) once it is lifted, each checked against a full
+    prefill; print progress lines, then one JSON line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import resource
 import signal
@@ -51,10 +53,10 @@ async def kill(cfg: dict[str, Any]) -> int:
     opts = dict(ddr_bytes=cfg["ddr_bytes"], disk_bytes=cfg["disk_bytes"], block_size=cfg["block_size"])
     async with _engine(cfg, write_mode="write-through", **opts) as engine:
         print("ready", flush=True)
-        for i in range(cfg["start"], cfg["start"] + cfg["count"]):
+        # Never ends on its own: the parent's SIGKILL always lands while it writes, however slow the machine.
+        for i in itertools.count(cfg["start"]):
             await engine.prefill(family_prompt(cfg["seed"], i, cfg["block_size"]))
             print(f"done {i}", flush=True)
-        await engine.scheduler.drain()
     return 0
 
 
