@@ -272,9 +272,19 @@ def build_doc_qa(encode: Callable[[str], list[int]], p: dict[str, int], seed: in
 
 
 async def run_doc_qa(
-    client: Any, model: str, case: str, prompts: list[list[list[int]]], answer_tokens: int, nonce: Callable
+    client: Any,
+    model: str,
+    case: str,
+    prompts: list[list[list[int]]],
+    answer_tokens: int,
+    nonce: Callable,
+    between_rounds: Callable[[], Any],
 ) -> tuple[list[Sample], float]:
-    """Every round's users concurrently, rounds one after the other; returns the samples and the wall time."""
+    """Every round's users concurrently, rounds one after the other; returns the samples and the time the rounds took.
+
+    ``between_rounds`` runs (untimed) after each round: the users' time to read their answers, in which the
+    server finishes writing the round's blocks back. A round then finds what the previous one saved whatever
+    the machine's speed, so which requests hit does not depend on timing."""
     samples: list[Sample] = []
 
     async def one(r: int, u: int, tokens: list[int]) -> None:
@@ -282,10 +292,13 @@ async def run_doc_qa(
         ttft, tpot, chunks, cached, total = await stream_request(client, model, tokens, answer_tokens, f"{case}-{u}")
         samples.append(Sample(case, u, r, len(tokens), cached, chunks, ttft * 1e3, tpot * 1e3, total * 1e3))
 
-    start = time.perf_counter()
+    elapsed = 0.0
     for r, row in enumerate(prompts):
+        start = time.perf_counter()
         await asyncio.gather(*(one(r, u, tokens) for u, tokens in enumerate(row)))
-    return samples, time.perf_counter() - start
+        elapsed += time.perf_counter() - start
+        await between_rounds()
+    return samples, elapsed
 
 
 async def run_fairness(
@@ -360,6 +373,10 @@ async def _client_main(server: BackgroundServer, p: dict[str, int], args: argpar
 
     prompts = build_doc_qa(encode, p, args.seed)
     out: dict[str, Any] = {"doc_qa": {}, "fairness": {}, "long": {}}
+
+    async def drained() -> None:
+        await asyncio.to_thread(server.call, lambda e: e.scheduler.drain())
+
     async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", timeout=600, max_retries=0) as client:
         # a warm-up request (first compute, first HTTP connection), not measured
         await stream_request(client, model, fresh() + prompts[0][0][:64], 2, "warm-up")
@@ -367,8 +384,7 @@ async def _client_main(server: BackgroundServer, p: dict[str, int], args: argpar
         for case in DOC_QA_CASES:
             server.call(lambda e, on=case != "no_reuse_plain": _set_write_back(e, on))
             nonce = (lambda: []) if case == "kvtier" else fresh
-            out["doc_qa"][case] = await run_doc_qa(client, model, case, prompts, p["answer_tokens"], nonce)
-            server.call(lambda e: e.scheduler.drain())
+            out["doc_qa"][case] = await run_doc_qa(client, model, case, prompts, p["answer_tokens"], nonce, drained)
         server.call(lambda e: _set_write_back(e, True))
         for k, case in enumerate(FAIRNESS_CASES):
             chunk = args.prefill_chunk_tokens if case == "chunked" else WHOLE_PROMPT_CHUNK
