@@ -462,7 +462,7 @@ def _report(ours: dict[str, Any], base: dict[str, Any], config: dict[str, Any]) 
 
 
 def _bars(row: dict[str, Any]) -> dict[str, bool]:
-    """The issue's bars for one length. Logits: kvtier's restores must give exactly what LMDeploy's own prefix
+    """This benchmark's bars for one length. Logits: kvtier's restores must give exactly what LMDeploy's own prefix
     cache gives for the same prompt (the same prefix-hit path over the same bytes), and so differ from the full
     prefill by no more than that path does (bf16 through a different attention split)."""
     fastest = min(row["ttft_scratch_ms"], row["ttft_disk_ms"])
