@@ -9,14 +9,24 @@ A copy of a block in a tier is an eviction *candidate* exactly when
 
 The candidate sets are kept current as blocks gain and lose users: the index reports every node whose pin, leaf
 or ready state changed (``PrefixReuseIndex(on_change=...)``), and the hierarchy reports every change of copies
-and in-flight counts. So finding a victim never scans: it is the first entry of the tier's set, O(1).
+and in-flight counts. So finding a victim never scans.
 
 Beside them each tier keeps the *movable* copies (the same without the leaf rule): what a demotion may move
 down, since moving a block's only copy to a lower tier keeps the chain whole.
 
-Each set is ordered least recently used first (a use moves a block to the back). This ordering is the mechanism's
-default; ranking victims by a named policy plugs in on top of the same sets. Sets are kept per tier and per
-tier and tenant, so that quota pressure on one tenant finds that tenant's victims without walking the others'.
+Which candidate goes first is each tier's :class:`kv_policy.EvictionPolicy`, chosen by name (``set_policy``,
+``lru`` by default). This class is the bridge from what the tier sees to the policy: the policy holds exactly the
+tier's *eligible* copies (candidates, plus copies that would be candidates but for a pin or a migration in
+flight), is told of every use (``access``), and holds a pinned or in-flight copy as pinned (``pin``/``unpin``),
+so a block keeps its history (its frequency, say) while a request uses it. LRU, whose only history is the last
+use, holds just the candidates (``ORDER_ONLY``). Either way the policy's unpinned blocks are exactly the tier's
+candidates, and ``pop_victim`` is the next victim. A parent whose last child an eviction just took is
+the next victim, whatever the policy: the policy gave up that chain's tail, and the parent's last use was no
+later than its child's.
+
+Each tier also keeps its candidates least recently used first (a use moves a block to the back), per tier and
+per tier and tenant: quota pressure on one tenant takes that tenant's least recently used candidates without
+walking the others', and a policy swapped in is filled in this order.
 
 Blocks *recovered* from disk after a restart and not yet named by any request (the index needs a request's tokens
 to link them) form one more set per tier, keyed by their on-disk name. They are that tier's first victims: their
@@ -32,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from kv_policy.eviction import EVICTION_POLICIES, EvictionPolicy, make_eviction_policy
 from kv_runtime.pool import DDRPool, DiskPool, KVPool, PoolFullError, Slot
 from kv_runtime.quota import QuotaManager
 from kv_runtime.tier import Tier
@@ -48,7 +59,9 @@ class BlockManager:
     Not locked on its own: the hierarchy calls it under its lock.
     """
 
-    def __init__(self, pools: Mapping[Tier, KVPool], quotas: QuotaManager) -> None:
+    def __init__(
+        self, pools: Mapping[Tier, KVPool], quotas: QuotaManager, policies: Mapping[Tier, str] | None = None
+    ) -> None:
         self.pools = dict(pools)
         self.quotas = quotas
         # Every block holding a copy in a tier, and the subset that eviction may take, oldest use first.
@@ -58,6 +71,17 @@ class BlockManager:
         self._by_tenant: dict[tuple[Tier, str], OrderedDict[Residency, None]] = {}
         # Recovered slots no request has linked yet, by (namespace digest, disk key), first victims first.
         self._recovered: dict[Tier, OrderedDict[tuple[bytes, bytes], Slot]] = {t: OrderedDict() for t in self.pools}
+        # Each tier's eviction policy, and the copies it holds (True: held pinned, in use or in flight).
+        self._policies: dict[Tier, EvictionPolicy] = {}
+        self._held: dict[Tier, dict[Residency, bool]] = {t: {} for t in self.pools}
+        # Parents whose last child an eviction just took: the tier's next victims, before the policy's.
+        self._next: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
+        self._keeps_pinned: dict[Tier, bool] = {}
+        self._clock = 0  # a logical clock of uses, the policies' ``now``
+        for tier in self.pools:
+            name = (policies or {}).get(tier, DEFAULT_POLICY)
+            self._policies[tier] = make_policy(name)
+            self._keeps_pinned[tier] = name not in ORDER_ONLY
 
     # ------------------------------------------------------------------ slots
 
@@ -142,19 +166,24 @@ class BlockManager:
                 self._resident[tier].pop(res, None)
                 self._movable[tier].pop(res, None)
                 self._uncandidate(res, tier)
+                self._hold(res, tier, False, False)
                 continue
             self._resident[tier][res] = None
-            if self._is_movable(res):
+            node = res.node
+            movable = self._is_movable(res)
+            if movable:
                 if res not in self._movable[tier]:
                     self._movable[tier][res] = None
             else:
                 self._movable[tier].pop(res, None)
-            if self._is_movable(res) and (len(res.copies) > 1 or res.node.num_children == 0):
+            eligible = node is not None and node.ready and (len(res.copies) > 1 or node.num_children == 0)
+            if movable and eligible:
                 if res not in self._candidates[tier]:
                     self._candidates[tier][res] = None
                     self._tenant_set(tier, res.tenant)[res] = None
             elif res in self._candidates[tier]:
                 self._uncandidate(res, tier)
+            self._hold(res, tier, eligible, not movable)
 
     def forget(self, res: Residency, tiers: Iterable[Tier] | None = None) -> None:
         """``res`` left the index: it is nowhere resident and no candidate (``tiers``: where it had copies,
@@ -163,10 +192,16 @@ class BlockManager:
             self._resident[tier].pop(res, None)
             self._movable[tier].pop(res, None)
             self._uncandidate(res, tier)
+            self._hold(res, tier, False, False)
 
     def touch(self, res: Residency) -> None:
-        """A use: ``res`` moves to the most recently used end of each set it is in."""
+        """A use: ``res`` moves to the most recently used end of each set it is in, and each tier's policy that
+        holds it is told."""
+        self._clock += 1
         for tier in res.copies:
+            held = self._held.get(tier)
+            if held is not None and res in held:
+                self._policies[tier].access(res, self._clock)
             movable = self._movable.get(tier)
             if movable is not None and res in movable:
                 movable.move_to_end(res)
@@ -182,17 +217,46 @@ class BlockManager:
             return None
         return next(iter(cands))
 
+    def next_victim(self, tier: Tier) -> Residency | None:
+        """Take the next victim of ``tier`` out of its policy: a parent :meth:`to_front` named, else the
+        policy's choice; None when there is no candidate. Amortised O(1) per victim for LRU.
+
+        The victim stays a candidate until its copy goes (``update``/``forget``); one that cannot go now goes
+        back through :meth:`defer` (or :meth:`update`, if it was pinned meanwhile)."""
+        held = self._held[tier]
+        policy = self._policies[tier]
+        nxt = self._next[tier]
+        while nxt:
+            res, _ = nxt.popitem(last=False)
+            if held.get(res) is False:
+                policy.remove(res)
+                del held[res]
+                return res
+        popped = policy.pop_victim()
+        if popped is None:
+            return None
+        res = popped[0]
+        del held[res]
+        return res
+
     def defer(self, res: Residency, tier: Tier) -> None:
-        """Move a candidate that cannot go right now (its slot is busy) to the back of the tier's sets."""
+        """Move a candidate that cannot go right now (its slot is busy) to the back of the tier's sets (its
+        policy takes it again as a new block)."""
         if res in self._candidates[tier]:
             self._candidates[tier].move_to_end(res)
             self._tenant_set(tier, res.tenant).move_to_end(res)
+            held = self._held[tier]
+            if res in held:
+                self._policies[tier].remove(res)
+                del held[res]
+            self.update(res)
 
     def to_front(self, res: Residency, tier: Tier) -> None:
         """Make ``res`` the next victim of ``tier`` (a parent whose last child was just evicted)."""
         if res in self._candidates[tier]:
             self._candidates[tier].move_to_end(res, last=False)
             self._tenant_set(tier, res.tenant).move_to_end(res, last=False)
+            self._next[tier][res] = None
 
     def candidates(self, tier: Tier) -> Iterator[Residency]:
         """The tier's candidates, least recently used first (the caller holds the hierarchy's lock)."""
@@ -217,11 +281,75 @@ class BlockManager:
         node = res.node
         return node is not None and not res.in_flight and not node.pin_count and node.ready
 
+    # ------------------------------------------------------------------ eviction policies
+
+    def policy(self, tier: Tier) -> EvictionPolicy:
+        """The policy that orders ``tier``'s victims (the caller holds the hierarchy's lock to use it)."""
+        return self._policies[tier]
+
+    def policy_name(self, tier: Tier) -> str:
+        return self._policies[tier].name
+
+    def set_policy(self, tier: Tier, name: str) -> EvictionPolicy:
+        """Order ``tier``'s victims by the policy named ``name`` from now on (the caller holds the lock eviction
+        takes). The new policy is filled with the tier's candidates, least recently used first, then (if it
+        holds them) the pinned eligible copies, pinned; it is built in full before it replaces the old one, so no
+        block is lost and no candidate is missed. What the old policy learned beyond the order of recency
+        (frequencies, ghosts) does not carry over. O(blocks in the tier)."""
+        self.pool(tier)  # a tier this hierarchy has
+        policy = make_policy(name)
+        old = self._policies[tier], self._held[tier], self._keeps_pinned[tier]
+        self._policies[tier], self._held[tier], self._keeps_pinned[tier] = policy, {}, name not in ORDER_ONLY
+        try:
+            self._clock += 1
+            for res in self._candidates[tier]:
+                self._hold(res, tier, True, False)
+            held = self._held[tier]
+            for res in self._resident[tier]:
+                if res not in held:
+                    node = res.node
+                    eligible = node is not None and node.ready and (len(res.copies) > 1 or node.num_children == 0)
+                    self._hold(res, tier, eligible, not self._is_movable(res))
+        except BaseException:
+            self._policies[tier], self._held[tier], self._keeps_pinned[tier] = old
+            raise
+        return policy
+
+    def _hold(self, res: Residency, tier: Tier, eligible: bool, pinned: bool) -> None:
+        """Keep ``tier``'s policy in step with ``res``: held while eligible, pinned there while ``pinned`` (or
+        not held, for a policy that keeps only candidates)."""
+        held = self._held[tier]
+        state = held.get(res)
+        if not eligible or (pinned and not self._keeps_pinned[tier]):
+            if state is not None:
+                self._policies[tier].remove(res)
+                del held[res]
+            return
+        if state is pinned:
+            return
+        policy = self._policies[tier]
+        if state is None:
+            self._insert(policy, res)
+            if pinned:
+                policy.pin(res)
+        elif pinned:
+            policy.pin(res)
+        else:
+            policy.unpin(res)
+        held[res] = pinned
+
+    def _insert(self, policy: EvictionPolicy, res: Residency) -> None:
+        # NOTE: no parent: the candidate rule already keeps a block's only copy while others hang under it, and
+        # a redundant copy may go before its children (the chain stays whole in the other tier).
+        node = res.node
+        policy.insert(res, size_bytes=res.nbytes or 1, depth=node.depth if node is not None else 0, now=self._clock)
+
     def _uncandidate(self, res: Residency, tier: Tier) -> None:
         cands = self._candidates[tier]
         if res not in cands:
             return
         del cands[res]
+        self._next[tier].pop(res, None)
         key = (tier, res.tenant)
         per_tenant = self._by_tenant.get(key)
         if per_tenant is not None:
@@ -235,6 +363,26 @@ class BlockManager:
         if cands is None:
             cands = self._by_tenant[key] = OrderedDict()
         return cands
+
+
+DEFAULT_POLICY = "lru"
+"""Each tier's eviction policy unless the configuration names another."""
+
+ORDER_ONLY = frozenset({"lru"})
+"""Policies whose order is the last use alone. A block that a request releases is as recent as any, which taking
+it in again as a new block gives exactly: these policies hold only candidates, so they never step over pins."""
+
+
+def policy_names() -> list[str]:
+    """The names :meth:`BlockManager.set_policy` accepts."""
+    return sorted(EVICTION_POLICIES)
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    """A fresh policy by name; a ``ValueError`` naming the known ones for an unknown name."""
+    if name not in EVICTION_POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(policy_names())}")
+    return make_eviction_policy(name)
 
 
 def _name(slot: Slot) -> tuple[bytes, bytes]:

@@ -67,6 +67,7 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_BLOCK_SIZE = 4096  # tokens per block: LMDeploy uses 16-256; a larger block would rarely be reused whole
 MAX_IO_THREADS = 256  # a disk's useful queue depth is tens of requests (io/README.md), not thousands of threads
 MAX_PREFILL_CHUNK = 1 << 20  # tokens; "never split" in practice: past any model's context length
+EVICTION_TIERS = ("hbm", "ddr", "disk")  # the tiers ``eviction_policy`` may name
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # KV dtype names (and the aliases torch and LMDeploy users write) -> the one name both engines pass on.
 _DTYPES = {
@@ -104,6 +105,31 @@ def parse_size(value: int | str, key: str = "size") -> int:
     if n < 0:
         raise ConfigError(f"{key}: must be >= 0, got {n}")
     return n
+
+
+def parse_eviction_policy(value: str) -> dict[str, str]:
+    """``eviction_policy`` as ``{tier: policy}``: one name (every tier) or ``tier=name`` pairs separated by
+    commas; a ConfigError naming the known policies (or tiers) for an unknown one."""
+    from kv_policy.eviction import EVICTION_POLICIES
+
+    known = ", ".join(sorted(EVICTION_POLICIES))
+    text = value.strip().lower()
+    if "=" not in text:
+        pairs = [(t, text) for t in EVICTION_TIERS]
+    else:
+        pairs = []
+        for part in text.split(","):
+            tier, sep, name = (p.strip() for p in part.partition("="))
+            if not sep or tier not in EVICTION_TIERS:
+                raise ConfigError(
+                    f"eviction_policy: expected a policy name or tier=name pairs ({', '.join(EVICTION_TIERS)}), "
+                    f"got {value!r}"
+                )
+            pairs.append((tier, name))
+    for _, name in pairs:
+        if name not in EVICTION_POLICIES:
+            raise ConfigError(f"eviction_policy: unknown eviction policy {name!r}; known: {known}")
+    return dict(pairs)
 
 
 def _io_defaults() -> ModuleType:
@@ -199,6 +225,10 @@ class KVTierConfig(BaseModel):
     ddr_gbps: Prior = 0.0
     """DDR -> engine bandwidth prior; 0 (default): the engine measures one copy from host memory into its device
     at start (a host memcpy on a CPU, PCIe on a GPU: no one number fits both), then learned from loads."""
+    eviction_policy: str = "lru"
+    """Which copy a full tier gives up first: a policy of ``kv_policy.EVICTION_POLICIES`` (``lru``, ``lfu``,
+    ``arc``, ``s3-fifo``, ``kvtier-prefix``, ...) for every tier, or one per tier (``ddr=lfu,disk=lru``; a tier
+    not named keeps ``lru``). Swappable while serving (``KVTierEngine.set_eviction_policy``)."""
     disk_gbps: Annotated[float, _no_flag("a number"), Field(gt=0, allow_inf_nan=False)] = 1.5
     """Disk -> DDR bandwidth prior, refined from observed loads. There is no cheap measurement at start (it would
     write and read a file past the page cache), so it must be > 0; 1.5 GB/s is what an NVMe drive gave without
@@ -226,6 +256,16 @@ class KVTierConfig(BaseModel):
         if name is None:
             raise ConfigError(f"dtype: expected auto, float16, bfloat16 or float32, got {value!r}")
         return name
+
+    @field_validator("eviction_policy")
+    @classmethod
+    def _eviction_policy(cls, value: str) -> str:
+        parse_eviction_policy(value)
+        return value.strip().lower()
+
+    def eviction_policies(self) -> dict[str, str]:
+        """``eviction_policy`` per tier name (``ddr``, ``disk``, ...), for the tiers it names."""
+        return parse_eviction_policy(self.eviction_policy)
 
     @field_validator("cache_dir")
     @classmethod

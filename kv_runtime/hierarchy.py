@@ -15,8 +15,9 @@ Invariants:
 - Every byte of every slot is counted against the tier's and the tenant's quota while the slot is held.
 
 Eviction here is mechanism: drop redundant copies (another tier still has the block) and unreferenced leaves,
-least recently used first, taken from the block manager's candidate sets (``block_manager.py``), which the index
-and this class keep current: finding a victim never scans. Blocks recovered from disk after a restart that no
+taken from the block manager's candidate sets (``block_manager.py``), which the index and this class keep
+current, in the order of each tier's named eviction policy (``lru`` unless configured, swappable while
+serving): finding a victim never scans. Blocks recovered from disk after a restart that no
 request has linked yet are the disk tier's first victims. Demotion (copying down before dropping) is a
 migration and is planned by policy.
 
@@ -95,6 +96,7 @@ class HierarchyManager:
         *,
         quotas: QuotaManager | None = None,
         events: EventLog | None = None,
+        eviction: Mapping[Tier, str] | None = None,
     ) -> None:
         if not pools:
             raise ValueError("a hierarchy needs at least one tier")
@@ -104,7 +106,7 @@ class HierarchyManager:
                 raise ValueError(f"pool for {tier.name} is a {pool.tier.name} pool")
         self.quotas = quotas or QuotaManager()
         self.events = events or EventLog()
-        self.blocks = BlockManager(self.pools, self.quotas)
+        self.blocks = BlockManager(self.pools, self.quotas, eviction)
         self.index = PrefixReuseIndex(on_release=self._released, on_change=self._nodes_changed)
         self._lock = threading.RLock()
         # One disk allocation at a time: the extents its eviction frees (once their records are deleted) are its.
@@ -415,9 +417,10 @@ class HierarchyManager:
     # ------------------------------------------------------------------ eviction
 
     def evict(self, tier: Tier, needed_bytes: int, tenant: str | None = None, *, include_recovered: bool = True) -> int:
-        """Free at least ``needed_bytes`` in ``tier`` (of ``tenant`` if given), least recently used first.
+        """Free at least ``needed_bytes`` in ``tier`` (of ``tenant`` if given: least recently used first).
 
-        Victims come from the block manager's candidate set, O(1) each: never a pinned block, one with a
+        Victims are the tier's policy's choices among the block manager's candidates (amortised O(1) each for
+        LRU): never a pinned block, one with a
         migration in flight, or the only copy of a block that others hang under. A redundant copy (another tier
         holds the block) is simply dropped; a leaf's only copy goes with its node, and its parent, now a leaf,
         is the next victim. Recovered blocks no request has linked go first (``include_recovered``, and no
@@ -430,7 +433,9 @@ class HierarchyManager:
             if include_recovered and tenant is None:
                 freed = self._evict_recovered(tier, needed_bytes)
             while freed < needed_bytes:
-                res = self.blocks.first_candidate(tier, tenant)
+                # The tier's policy picks (the victim leaves it; one that stays goes back through update or
+                # defer); quota pressure on a tenant takes that tenant's least recently used candidate.
+                res = self.blocks.next_victim(tier) if tenant is None else self.blocks.first_candidate(tier, tenant)
                 if res is None:
                     break
                 slot = res.copies[tier]
@@ -440,10 +445,10 @@ class HierarchyManager:
                     self.blocks.update(res)
                     continue
                 if slot.busy or slot.moving:  # defragmentation is moving it: it goes when that ends
+                    self.blocks.defer(res, tier)
                     if deferred >= self.blocks.num_candidates(tier):
                         break
                     deferred += 1
-                    self.blocks.defer(res, tier)
                     continue
                 if len(res.copies) > 1:
                     self.drop_copy(res, tier, kind=EventKind.EVICTED)
@@ -454,16 +459,28 @@ class HierarchyManager:
                     except (PinnedError, StaleNodeError):  # a lease raced us; the index has the truth
                         self.blocks.update(res)
                         if self.blocks.is_candidate(res, tier):
+                            self.blocks.defer(res, tier)
                             if deferred >= self.blocks.num_candidates(tier):
                                 break
                             deferred += 1
-                            self.blocks.defer(res, tier)
                         continue
                     self.events.emit(EventKind.EVICTED, res.key, tier, res.nbytes, res.tenant)
                     if parent is not None and isinstance(parent.payload, Residency):
                         self.blocks.to_front(parent.payload, tier)
                 freed += slot.capacity
         return freed
+
+    def set_eviction_policy(self, tier: Tier, name: str) -> None:
+        """Order ``tier``'s victims by the named policy (``kv_policy.EVICTION_POLICIES``) from now on, while
+        serving: the new policy is built from the tier's current copies under the lock eviction takes, so no
+        eviction sees a half-built policy and no block is lost. A ``ValueError`` for an unknown name or tier."""
+        with self._lock:
+            self.blocks.set_policy(Tier(tier), name)
+
+    def eviction_policies(self) -> dict[str, str]:
+        """Each tier's eviction policy by name, e.g. ``{"ddr": "lru", "disk": "lru"}``."""
+        with self._lock:
+            return {t.name.lower(): self.blocks.policy_name(t) for t in self.pools}
 
     def _evict_recovered(self, tier: Tier, needed_bytes: int) -> int:
         """Free recovered, unlinked slots of ``tier``, first victims first, until ``needed_bytes``; the caller

@@ -169,7 +169,10 @@ class TierService:
             pools[Tier.DISK] = await DiskPool.open_sized(
                 Path(config.cache_dir) / "blocks", config.disk_bytes, io_threads=config.io_threads
             )
-        hierarchy = HierarchyManager(pools)
+        eviction = config.eviction_policies()
+        hierarchy = HierarchyManager(
+            pools, eviction={t: eviction[t.name.lower()] for t in pools if t.name.lower() in eviction}
+        )
         if Tier.DISK in pools:
             hierarchy.adopt_disk()
         device = torch.device(device)
@@ -600,6 +603,19 @@ class TierService:
                 return
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def set_eviction_policy(self, tier: Tier | str, name: str) -> None:
+        """Order ``tier``'s victims (``Tier`` or its name: ``ddr``, ``disk``) by the named eviction policy from
+        now on, while serving (``HierarchyManager.set_eviction_policy``). A ``ValueError`` for an unknown
+        policy or a tier this service has not."""
+        if isinstance(tier, str):
+            try:
+                tier = Tier[tier.upper()]
+            except KeyError:
+                raise ValueError(
+                    f"unknown tier {tier!r}; this service has {self.hierarchy.eviction_policies()}"
+                ) from None
+        self.hierarchy.set_eviction_policy(tier, name)
+
     # ================================================================== inspection
 
     def snapshot(self) -> dict[str, Any]:
@@ -611,6 +627,7 @@ class TierService:
             "cache_failures": stats["cache_failures"],
             "recovered": stats["recovered"],
             **({"disk": stats["disk"]} if "disk" in stats else {}),
+            "eviction_policy": self.hierarchy.eviction_policies(),
             "transfers": self.migrator.direction_stats(),
             "cost_model": {
                 "prefill_tflops": self.cost.prefill_flops_per_s / 1e12,

@@ -436,6 +436,12 @@ class KVTierEngine:
 
     # ------------------------------------------------------------------ inspection
 
+    def set_eviction_policy(self, tier: str, name: str) -> None:
+        """Order ``tier``'s (``ddr``, ``disk``) victims by the named eviction policy (``kv_policy``'s
+        ``EVICTION_POLICIES``) from now on, while serving: no request fails and no block is lost."""
+        self._require_started()
+        self.service.set_eviction_policy(tier, name)
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """Requests, TTFT (overall and per session), prefix reuse, tiers and transfers, as plain data."""
         self._require_started()

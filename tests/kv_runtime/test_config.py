@@ -53,6 +53,7 @@ DEFAULTS = {
     "prefill_chunk_tokens": 512,
     "prefill_tflops": 0.0,
     "ddr_gbps": 0.0,
+    "eviction_policy": "lru",
     "disk_gbps": 1.5,
 }
 
