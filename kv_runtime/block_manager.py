@@ -22,7 +22,8 @@ so a block keeps its history (its frequency, say) while a request uses it. LRU, 
 use, holds just the candidates (``ORDER_ONLY``). Either way the policy's unpinned blocks are exactly the tier's
 candidates, and ``pop_victim`` is the next victim. A parent whose last child an eviction just took is
 the next victim, whatever the policy: the policy gave up that chain's tail, and the parent's last use was no
-later than its child's.
+later than its child's. Such parents wait in a queue of their own, outside the policy, until they go (or a use
+or a pin hands them to the policy): a chain's eviction then costs the policy nothing per block.
 
 Each tier also keeps its candidates least recently used first (a use moves a block to the back), per tier and
 per tier and tenant: quota pressure on one tenant takes that tenant's least recently used candidates without
@@ -73,9 +74,11 @@ class BlockManager:
         self._recovered: dict[Tier, OrderedDict[tuple[bytes, bytes], Slot]] = {t: OrderedDict() for t in self.pools}
         # Each tier's eviction policy, and the copies it holds (True: held pinned, in use or in flight).
         self._policies: dict[Tier, EvictionPolicy] = {}
-        self._held: dict[Tier, dict[Residency, bool]] = {t: {} for t in self.pools}
-        # Parents whose last child an eviction just took: the tier's next victims, before the policy's.
+        self._held: dict[Tier, dict[Residency, bool | str]] = {t: {} for t in self.pools}
+        # Parents whose last child an eviction just took: the tier's next victims, before the policy's (held as
+        # NEXT, outside the policy). ``pending_next``: (parent, tier) of the block the hierarchy is evicting.
         self._next: dict[Tier, OrderedDict[Residency, None]] = {t: OrderedDict() for t in self.pools}
+        self.pending_next: tuple[Residency, Tier] | None = None
         self._keeps_pinned: dict[Tier, bool] = {}
         self._clock = 0  # a logical clock of uses, the policies' ``now``
         for tier in self.pools:
@@ -166,7 +169,8 @@ class BlockManager:
                 self._resident[tier].pop(res, None)
                 self._movable[tier].pop(res, None)
                 self._uncandidate(res, tier)
-                self._hold(res, tier, False, False)
+                if res in self._held[tier]:
+                    self._hold(res, tier, None)
                 continue
             self._resident[tier][res] = None
             node = res.node
@@ -183,7 +187,10 @@ class BlockManager:
                     self._tenant_set(tier, res.tenant)[res] = None
             elif res in self._candidates[tier]:
                 self._uncandidate(res, tier)
-            self._hold(res, tier, eligible, not movable)
+            # How the tier's policy holds it: not at all (None), pinned (True) or as a candidate (False).
+            want = None if not eligible or (not movable and not self._keeps_pinned[tier]) else not movable
+            if self._held[tier].get(res) is not want:
+                self._hold(res, tier, want)
 
     def forget(self, res: Residency, tiers: Iterable[Tier] | None = None) -> None:
         """``res`` left the index: it is nowhere resident and no candidate (``tiers``: where it had copies,
@@ -192,7 +199,8 @@ class BlockManager:
             self._resident[tier].pop(res, None)
             self._movable[tier].pop(res, None)
             self._uncandidate(res, tier)
-            self._hold(res, tier, False, False)
+            if res in self._held[tier]:
+                self._hold(res, tier, None)
 
     def touch(self, res: Residency) -> None:
         """A use: ``res`` moves to the most recently used end of each set it is in, and each tier's policy that
@@ -201,7 +209,11 @@ class BlockManager:
         for tier in res.copies:
             held = self._held.get(tier)
             if held is not None and res in held:
-                self._policies[tier].access(res, self._clock)
+                if held[res] is NEXT:  # used again: no longer the chain's next victim, a block of the policy's
+                    self._hold(res, tier, None)
+                    self._hold(res, tier, False)
+                else:
+                    self._policies[tier].access(res, self._clock)
             movable = self._movable.get(tier)
             if movable is not None and res in movable:
                 movable.move_to_end(res)
@@ -223,20 +235,16 @@ class BlockManager:
 
         The victim stays a candidate until its copy goes (``update``/``forget``); one that cannot go now goes
         back through :meth:`defer` (or :meth:`update`, if it was pinned meanwhile)."""
-        held = self._held[tier]
-        policy = self._policies[tier]
         nxt = self._next[tier]
-        while nxt:
+        if nxt:
             res, _ = nxt.popitem(last=False)
-            if held.get(res) is False:
-                policy.remove(res)
-                del held[res]
-                return res
-        popped = policy.pop_victim()
+            del self._held[tier][res]
+            return res
+        popped = self._policies[tier].pop_victim()
         if popped is None:
             return None
         res = popped[0]
-        del held[res]
+        del self._held[tier][res]
         return res
 
     def defer(self, res: Residency, tier: Tier) -> None:
@@ -245,18 +253,21 @@ class BlockManager:
         if res in self._candidates[tier]:
             self._candidates[tier].move_to_end(res)
             self._tenant_set(tier, res.tenant).move_to_end(res)
-            held = self._held[tier]
-            if res in held:
-                self._policies[tier].remove(res)
-                del held[res]
+            if res in self._held[tier]:
+                self._hold(res, tier, None)
             self.update(res)
 
     def to_front(self, res: Residency, tier: Tier) -> None:
-        """Make ``res`` the next victim of ``tier`` (a parent whose last child was just evicted)."""
+        """Make ``res`` the next victim of ``tier`` (a parent whose last child was just evicted): it leaves the
+        policy for the tier's queue of next victims (``pending_next`` saves it the trip through the policy)."""
+        self.pending_next = None
         if res in self._candidates[tier]:
             self._candidates[tier].move_to_end(res, last=False)
             self._tenant_set(tier, res.tenant).move_to_end(res, last=False)
-            self._next[tier][res] = None
+            if self._held[tier].get(res) is not NEXT:
+                self._hold(res, tier, None)
+                self._held[tier][res] = NEXT
+                self._next[tier][res] = None
 
     def candidates(self, tier: Tier) -> Iterator[Residency]:
         """The tier's candidates, least recently used first (the caller holds the hierarchy's lock)."""
@@ -299,44 +310,53 @@ class BlockManager:
         self.pool(tier)  # a tier this hierarchy has
         policy = make_policy(name)
         old = self._policies[tier], self._held[tier], self._keeps_pinned[tier]
-        self._policies[tier], self._held[tier], self._keeps_pinned[tier] = policy, {}, name not in ORDER_ONLY
+        nexts = dict.fromkeys(self._next[tier], NEXT)  # the next victims stay next, outside any policy
+        self._policies[tier], self._held[tier], self._keeps_pinned[tier] = policy, nexts, name not in ORDER_ONLY
         try:
             self._clock += 1
-            for res in self._candidates[tier]:
-                self._hold(res, tier, True, False)
             held = self._held[tier]
-            for res in self._resident[tier]:
+            for res in list(self._candidates[tier]):
                 if res not in held:
-                    node = res.node
-                    eligible = node is not None and node.ready and (len(res.copies) > 1 or node.num_children == 0)
-                    self._hold(res, tier, eligible, not self._is_movable(res))
+                    self._hold(res, tier, False)
+            for res in list(self._resident[tier]):
+                if res not in held:
+                    self.update(res)  # an eligible pinned copy, for a policy that holds them
         except BaseException:
             self._policies[tier], self._held[tier], self._keeps_pinned[tier] = old
             raise
         return policy
 
-    def _hold(self, res: Residency, tier: Tier, eligible: bool, pinned: bool) -> None:
-        """Keep ``tier``'s policy in step with ``res``: held while eligible, pinned there while ``pinned`` (or
-        not held, for a policy that keeps only candidates)."""
+    def _hold(self, res: Residency, tier: Tier, want: bool | None) -> None:
+        """Hold ``res`` in ``tier``'s policy as ``want`` says: not at all (None), pinned (True) or unpinned; a
+        next victim (``NEXT``) stays one while it is a candidate."""
         held = self._held[tier]
         state = held.get(res)
-        if not eligible or (pinned and not self._keeps_pinned[tier]):
+        if state is NEXT:
+            if want is False:
+                return
+            del self._next[tier][res]
+            del held[res]
+            state = None
+        policy = self._policies[tier]
+        if want is None:
             if state is not None:
-                self._policies[tier].remove(res)
+                policy.remove(res)
                 del held[res]
             return
-        if state is pinned:
-            return
-        policy = self._policies[tier]
         if state is None:
+            pending = self.pending_next
+            if not want and pending is not None and pending[0] is res and pending[1] is tier:
+                held[res] = NEXT  # the parent of a block being evicted, about to be the next victim
+                self._next[tier][res] = None
+                return
             self._insert(policy, res)
-            if pinned:
+            if want:
                 policy.pin(res)
-        elif pinned:
+        elif want:
             policy.pin(res)
         else:
             policy.unpin(res)
-        held[res] = pinned
+        held[res] = want
 
     def _insert(self, policy: EvictionPolicy, res: Residency) -> None:
         # NOTE: no parent: the candidate rule already keeps a block's only copy while others hang under it, and
@@ -349,7 +369,6 @@ class BlockManager:
         if res not in cands:
             return
         del cands[res]
-        self._next[tier].pop(res, None)
         key = (tier, res.tenant)
         per_tenant = self._by_tenant.get(key)
         if per_tenant is not None:
@@ -364,6 +383,9 @@ class BlockManager:
             cands = self._by_tenant[key] = OrderedDict()
         return cands
 
+
+NEXT = "next"
+"""How the block manager holds a tier's next victim (a parent whose last child just went): outside the policy."""
 
 DEFAULT_POLICY = "lru"
 """Each tier's eviction policy unless the configuration names another."""

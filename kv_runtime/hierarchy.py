@@ -454,9 +454,12 @@ class HierarchyManager:
                     self.drop_copy(res, tier, kind=EventKind.EVICTED)
                 else:
                     parent = node.parent
+                    if parent is not None and isinstance(parent.payload, Residency):
+                        self.blocks.pending_next = (parent.payload, tier)  # if it becomes a candidate: next
                     try:
                         self.index.remove(node)
                     except (PinnedError, StaleNodeError):  # a lease raced us; the index has the truth
+                        self.blocks.pending_next = None
                         self.blocks.update(res)
                         if self.blocks.is_candidate(res, tier):
                             self.blocks.defer(res, tier)
@@ -466,7 +469,7 @@ class HierarchyManager:
                         continue
                     self.events.emit(EventKind.EVICTED, res.key, tier, res.nbytes, res.tenant)
                     if parent is not None and isinstance(parent.payload, Residency):
-                        self.blocks.to_front(parent.payload, tier)
+                        self.blocks.to_front(parent.payload, tier)  # clears pending_next
                 freed += slot.capacity
         return freed
 

@@ -63,9 +63,11 @@ def check(h: HierarchyManager) -> None:
     for tier in h.pools:
         policy = h.blocks.policy(tier)
         eligible, candidates = reference_eligible(h, tier)
+        nexts = {id(r) for r in h.blocks._next[tier]}  # parents of evicted blocks, the next victims
+        assert nexts <= candidates
         # LRU holds only the candidates (a released block is as recent as any); the others keep pinned ones too
-        assert {id(b) for b in policy} == (candidates if policy.name in ORDER_ONLY else eligible)
-        assert {id(b) for b in policy if not policy.info(b).pins} == candidates
+        assert {id(b) for b in policy} == (candidates if policy.name in ORDER_ONLY else eligible) - nexts
+        assert {id(b) for b in policy if not policy.info(b).pins} == candidates - nexts
         assert {id(r) for r in h.blocks._candidates[tier]} == candidates
 
 
