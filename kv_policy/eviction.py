@@ -289,13 +289,16 @@ class _HeapPolicy(EvictionPolicy):
             self._push(block_id, info)
 
     def _pick(self) -> BlockId | None:
-        heap = self._heap
+        heap, versions, blocks = self._heap, self._version, self._blocks
+        prefix_aware = self.prefix_aware
+        heappop = heapq.heappop
         while heap:
-            entry = heapq.heappop(heap)
-            block_id, version = entry[-1], entry[-2]
-            if self._version.get(block_id) != version:
+            entry = heappop(heap)
+            block_id = entry[-1]
+            if versions.get(block_id) != entry[-2]:
                 continue  # stale
-            if self.evictable(block_id):
+            info = blocks.get(block_id)  # ``evictable``, inlined: this loop runs once per victim and stale entry
+            if info is not None and not info.pins and not (prefix_aware and info.children):
                 return block_id
             # parked: unpin / losing the last child pushes it again
         return None
@@ -595,6 +598,7 @@ class KvtierHitDensityPolicy(EvictionPolicy):
         self._hits = np.zeros((classes, age_buckets))
         self._evictions = np.zeros((classes, age_buckets))
         self._density: np.ndarray | None = None
+        self._density_rows: list[list[float]] | None = None  # the same, as Python floats for the victim search
         self._clock = 0
         self._next_reconfigure = self._period
         self._uses: OrderedDict[BlockId, int] = OrderedDict()  # history beyond residency, least recent first
@@ -628,6 +632,7 @@ class KvtierHitDensityPolicy(EvictionPolicy):
         events_after = np.cumsum(events[:, ::-1], axis=1)[:, ::-1]
         lifetime_after = np.cumsum(events_after[:, ::-1], axis=1)[:, ::-1]
         self._density = np.divide(hits_after, lifetime_after, out=np.zeros_like(hits_after), where=lifetime_after > 0)
+        self._density_rows = self._density.tolist()
         self._hits *= self.decay
         self._evictions *= self.decay
 
@@ -674,14 +679,30 @@ class KvtierHitDensityPolicy(EvictionPolicy):
         self._add_leaf(block_id)
 
     def _pick(self) -> BlockId | None:
-        leaves, blocks = self._leaves, self._blocks
-        if not leaves:
+        # NOTE: the hot loop of every replay that runs this policy (alone or as an expert), so ``_score`` and
+        # ``randrange`` are inlined: ``randrange(n)`` draws ``_randbelow(n)``, i.e. ``getrandbits(n.bit_length())``
+        # until below ``n``; drawing the same way keeps the random stream, hence every victim, unchanged.
+        leaves = self._leaves
+        n = len(leaves)
+        if not n:
             return None
+        blocks, stamp = self._blocks, self._stamp
+        clock, unit, top = self._clock, self._age_unit, self._buckets - 1
+        density = self._density_rows
+        getrandbits = self._rng.getrandbits
+        bits = n.bit_length()
         best, best_score = None, math.inf
         for _ in range(self.samples):
-            block_id = leaves[self._rng.randrange(len(leaves))]
+            r = getrandbits(bits)
+            while r >= n:
+                r = getrandbits(bits)
+            block_id = leaves[r]
             if not blocks[block_id].pins:
-                score = self._score(block_id)
+                since, cls = stamp[block_id]
+                age = (clock - since) // unit
+                if age > top:
+                    age = top
+                score = -age if density is None else density[cls][age]
                 if score < best_score:
                     best, best_score = block_id, score
         if best is None:  # every sample pinned: scan (rare; only when most leaves are in flight)

@@ -133,7 +133,9 @@ def replay(
     res = ReplayResult(policy.name, capacity_blocks, capacity_bytes, total_blocks=trace.total_blocks)
     res.total_flops = trace.total_flops
     by_blocks = capacity_blocks is not None
-    contains = policy.__contains__
+    # Bound methods, looked up once: this loop makes several policy calls per block use of the trace.
+    contains, access, insert = policy.__contains__, policy.access, policy.insert
+    pin, unpin, pop_victim = policy.pin, policy.unpin, policy.pop_victim
     for ids, now, sizes, flops in zip(trace.ids, trace.times, trace.block_bytes, trace.block_flops, strict=True):
         k = _prefix_hits(ids, contains)
         res.hit_blocks += k
@@ -142,24 +144,24 @@ def replay(
         held: list[int] = []
         parent = None
         for j, h in enumerate(ids):
-            if h in policy:
-                policy.access(h, now)
+            if contains(h):
+                access(h, now)
             else:
                 size = sizes[j]
                 while len(policy) >= capacity_blocks if by_blocks else policy.used_bytes + size > capacity_bytes:
-                    popped = policy.pop_victim(h)
+                    popped = pop_victim(h)
                     if popped is None:
                         break
                     res.bytes_evicted += popped[1].size_bytes
                 if len(policy) >= capacity_blocks if by_blocks else policy.used_bytes + size > capacity_bytes:
                     break
-                policy.insert(h, parent=parent, size_bytes=size, depth=j, now=now, saved_flops=flops[j])
+                insert(h, parent=parent, size_bytes=size, depth=j, now=now, saved_flops=flops[j])
                 res.bytes_written += size
-            policy.pin(h)
+            pin(h)
             held.append(h)
             parent = h
         for h in held:
-            policy.unpin(h)
+            unpin(h)
     res.bytes_moved = {"into_tier": res.bytes_written, "out_of_tier": res.hit_bytes}
     return res
 

@@ -6,12 +6,16 @@ earlier blocks of its request hit; then every block of the request is stored), b
 in bytes (the bytes of that many full blocks, so prompt-ending partial blocks take less). Two tiers: DDR at each
 capacity over a disk ``--disk-factor`` times larger. The reference, replayed in the same run, is LRU below and
 Belady's offline optimum and the unbounded cache above; ``gap_closed`` is the share of the LRU-to-Belady gap a
-policy closes.
+policy closes. Replays run as independent jobs in ``--jobs`` worker processes (default one per CPU), with a
+progress bar on stderr; the report does not depend on how many.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from kv_benchmarks.args import positive_int
@@ -41,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--synthetic-requests", type=positive_int, default=4000, help="size of the generated fallback trace"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=None,
+        help="replays run at once, each in its own process (default: one per available CPU; 1 runs them in-process)",
+    )
 
 
 def _capacities(text: str) -> list[int]:
@@ -75,19 +85,101 @@ def _plot(hit: dict[str, dict[str, float]], caps: list[int], path: Path) -> None
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> Report:
+# Replays run as independent jobs, in worker processes when --jobs > 1; each worker receives the prepared trace
+# once (pool initializer) and returns plain results, merged by job key, so the report does not depend on the order
+# in which jobs finish.
+_TRACE = None
+
+
+def _init_worker(prepared) -> None:
+    global _TRACE
+    _TRACE = prepared
+
+
+def _run_job(job: tuple):
+    """One replay: (kind, policy, capacity, extra) -> its ``ReplayResult``."""
     from kv_policy import (
-        EVICTION_POLICIES,
         MigrationPolicy,
-        ModelShape,
-        PreparedTrace,
-        SyntheticTraceConfig,
         make_eviction_policy,
-        read_trace,
         replay,
         replay_belady,
         replay_two_tier,
         replay_unbounded,
+    )
+
+    kind, name, cap, extra = job
+    prepared = _TRACE
+    if kind == "blocks":
+        return replay(prepared, make_eviction_policy(name, capacity=cap), capacity_blocks=cap)
+    if kind == "bytes":
+        return replay(prepared, make_eviction_policy(name, capacity=cap), capacity_bytes=extra)
+    if kind == "belady-blocks":
+        return replay_belady(prepared, capacity_blocks=cap)
+    if kind == "belady-bytes":
+        return replay_belady(prepared, capacity_bytes=extra)
+    if kind == "unbounded":
+        return replay_unbounded(prepared)
+    if kind == "two-tier":
+        mode, disk_cap = extra
+        return replay_two_tier(
+            prepared,
+            make_eviction_policy(name, capacity=cap),
+            make_eviction_policy(name, capacity=disk_cap),
+            MigrationPolicy(mode),
+            fast_capacity_blocks=cap,
+            slow_capacity_blocks=disk_cap,
+        )
+    raise ValueError(f"unknown replay job {kind!r}")
+
+
+# Rough relative replay cost, to start the longest jobs first and keep the workers evenly busy to the end.
+_COST = {"kvtier-adaptive": 15.0, "kvtier-lhd": 2.0}
+
+
+def _cost(job: tuple) -> float:
+    kind, name, cap, _ = job
+    return _COST.get(name, 1.0) * (2.0 if kind == "two-tier" else 1.0) * (1.0 + cap / 20000)
+
+
+def _run_jobs(prepared, jobs: list[tuple], workers: int) -> dict[tuple, object]:
+    """Every job's result by job, with a progress bar on stderr (one tick per finished replay)."""
+    from tqdm import tqdm
+
+    order = sorted(jobs, key=_cost, reverse=True)
+    results: dict[tuple, object] = {}
+    with tqdm(total=len(jobs), desc="bench policy", unit="replay", file=sys.stderr, dynamic_ncols=True) as bar:
+        if workers <= 1:
+            _init_worker(prepared)
+            for job in order:
+                bar.set_postfix_str(f"{job[1]} {job[0]} {job[2]}")
+                results[job] = _run_job(job)
+                bar.update()
+            _init_worker(None)
+            return results
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(prepared,)) as pool:
+            futures = {pool.submit(_run_job, job): job for job in order}
+            for done in as_completed(futures):
+                job = futures[done]
+                results[job] = done.result()
+                bar.set_postfix_str(f"{job[1]} {job[0]} {job[2]}")
+                bar.update()
+    return results
+
+
+def _default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run(args: argparse.Namespace) -> Report:
+    from kv_policy import (
+        EVICTION_POLICIES,
+        ModelShape,
+        PreparedTrace,
+        SyntheticTraceConfig,
+        read_trace,
         synthetic_trace,
     )
 
@@ -111,27 +203,42 @@ def run(args: argparse.Namespace) -> Report:
     )
     full_block_bytes = args.block_tokens * args.bytes_per_token
     names = list(EVICTION_POLICIES)
+    best_kvtier = FLAGSHIP
+    modes = ("write-through", "write-back", "selective")
+
+    jobs: list[tuple] = [("unbounded", "unbounded", 0, None)]
+    for cap in caps:
+        cap_bytes = cap * full_block_bytes
+        disk_cap = args.disk_factor * cap
+        jobs += [("blocks", n, cap, None) for n in names]
+        jobs += [("bytes", n, cap, cap_bytes) for n in names]
+        jobs += [("belady-blocks", "belady", cap, None), ("belady-bytes", "belady", cap, cap_bytes)]
+        jobs += [("two-tier", n, cap, (args.migration, disk_cap)) for n in names]
+        jobs += [("two-tier", best_kvtier, cap, (m, disk_cap)) for m in modes if m != args.migration]
+        jobs.append(("belady-blocks", "belady", (1 + args.disk_factor) * cap, None))
+    jobs = list(dict.fromkeys(jobs))  # a two-tier Belady capacity may equal a one-tier one: replay it once
+    workers = min(args.jobs if args.jobs is not None else _default_jobs(), len(jobs))
+    done = _run_jobs(prepared, jobs, workers)
 
     hit: dict[str, dict[str, float]] = {n: {} for n in [*names, "belady", "unbounded"]}
     hit_bytes_cap: dict[str, dict[str, float]] = {n: {} for n in [*names, "belady"]}
     saved: dict[str, dict[str, float]] = {n: {} for n in hit}
     moved: dict[str, dict[str, dict[str, int]]] = {n: {} for n in hit}
     rows = []
-    unbounded = replay_unbounded(prepared)
+    unbounded = done[("unbounded", "unbounded", 0, None)]
     for cap in caps:
         key = str(cap)
-        results = {n: replay(prepared, make_eviction_policy(n, capacity=cap), capacity_blocks=cap) for n in names}
-        results["belady"] = replay_belady(prepared, capacity_blocks=cap)
+        cap_bytes = cap * full_block_bytes
+        results = {n: done[("blocks", n, cap, None)] for n in names}
+        results["belady"] = done[("belady-blocks", "belady", cap, None)]
         results["unbounded"] = unbounded
         for n, r in results.items():
             hit[n][key] = r.hit_ratio
             saved[n][key] = r.saved_compute_ratio
             moved[n][key] = dict(r.bytes_moved)
-        cap_bytes = cap * full_block_bytes
         for n in names:
-            r = replay(prepared, make_eviction_policy(n, capacity=cap), capacity_bytes=cap_bytes)
-            hit_bytes_cap[n][key] = r.hit_ratio
-        hit_bytes_cap["belady"][key] = replay_belady(prepared, capacity_bytes=cap_bytes).hit_ratio
+            hit_bytes_cap[n][key] = done[("bytes", n, cap, cap_bytes)].hit_ratio
+        hit_bytes_cap["belady"][key] = done[("belady-bytes", "belady", cap, cap_bytes)].hit_ratio
 
     gap: dict[str, dict[str, float]] = {n: {} for n in names}
     for cap in caps:
@@ -145,14 +252,7 @@ def run(args: argparse.Namespace) -> Report:
     for cap in caps:
         disk_cap = args.disk_factor * cap
         for n in names:
-            r = replay_two_tier(
-                prepared,
-                make_eviction_policy(n, capacity=cap),
-                make_eviction_policy(n, capacity=disk_cap),
-                MigrationPolicy(args.migration),
-                fast_capacity_blocks=cap,
-                slow_capacity_blocks=disk_cap,
-            )
+            r = done[("two-tier", n, cap, (args.migration, disk_cap))]
             two_tier[n][str(cap)] = {
                 "hit_ratio": r.hit_ratio,
                 "ddr_hit_ratio": r.tier_hits["ddr"] / prepared.total_blocks,
@@ -161,26 +261,17 @@ def run(args: argparse.Namespace) -> Report:
                 "bytes_moved": r.bytes_moved,
             }
     kvtier_names = [n for n in names if n.startswith("kvtier-")]
-    best_kvtier = FLAGSHIP
-    for mode in ("write-through", "write-back", "selective"):
+    for mode in modes:
         migration_modes[mode] = {}
         for cap in caps:
-            disk_cap = args.disk_factor * cap
-            r = replay_two_tier(
-                prepared,
-                make_eviction_policy(best_kvtier, capacity=cap),
-                make_eviction_policy(best_kvtier, capacity=disk_cap),
-                MigrationPolicy(mode),
-                fast_capacity_blocks=cap,
-                slow_capacity_blocks=disk_cap,
-            )
+            r = done[("two-tier", best_kvtier, cap, (mode, args.disk_factor * cap))]
             migration_modes[mode][str(cap)] = {
                 "hit_ratio": r.hit_ratio,
                 "disk_hit_ratio": r.tier_hits["disk"] / prepared.total_blocks,
                 "ddr_to_disk_bytes": r.bytes_moved["ddr_to_disk"],
             }
     two_tier_belady = {
-        str(c): replay_belady(prepared, capacity_blocks=(1 + args.disk_factor) * c).hit_ratio for c in caps
+        str(c): done[("belady-blocks", "belady", (1 + args.disk_factor) * c, None)].hit_ratio for c in caps
     }
 
     small = [c for c in caps if c < prepared.distinct_blocks / 4]

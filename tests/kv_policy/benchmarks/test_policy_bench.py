@@ -38,3 +38,21 @@ def test_policy_bench_writes_all_figures(tmp_path):
     assert (out / "policy.png").stat().st_size > 0
     assert paths["csv"].read_text().startswith("policy,")
     assert "hit_ratio.belady.200" in paths["md"].read_text()
+
+
+def test_policy_bench_figures_do_not_depend_on_worker_processes(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    write_trace(synthetic_trace(SyntheticTraceConfig(requests=150, seed=5)), trace)
+    reports = {}
+    for jobs in ("1", "2"):
+        out = str(tmp_path / f"out-{jobs}")
+        args = build_parser().parse_args(
+            ["bench", "policy", "--trace", str(trace), "--capacities", "100,400", "--jobs", jobs, "--out", out]
+        )
+        reports[jobs] = args.run(args)
+        progress = capsys.readouterr().err
+        assert "bench policy" in progress and "100%" in progress  # a progress bar on stderr, one tick per replay
+    serial, parallel = reports["1"], reports["2"]
+    assert serial.metrics == parallel.metrics
+    assert serial.reference == parallel.reference
+    assert serial.rows == parallel.rows
