@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from kv_benchmarks.args import positive_float, positive_int
+from kv_benchmarks.args import add_model_arguments, add_scale_arguments, positive_float, positive_int
 from kv_benchmarks.report import Report
 
 FULL = dict(sessions=6, turns=4, system_tokens=512, document_tokens=2048, turn_tokens=256)
@@ -30,13 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="model directory (default: build a random-weight one)")
-    parser.add_argument("--shape", default="qwen2-tiny", help="shape of the built model (kv_benchmarks.models)")
-    parser.add_argument("--work-dir", type=Path, default=Path("kvtier-work"), help="built model and caches")
-    for name in FULL:
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", type=positive_int, help=f"default {FULL[name]} ({QUICK[name]} quick)"
-        )
+    add_model_arguments(parser)
+    add_scale_arguments(parser, FULL, QUICK)
     parser.add_argument("--block-size", type=positive_int, default=64)
     parser.add_argument(
         "--ddr-sessions", type=positive_float, default=1.0, help="DDR capacity in sessions' worth of final-turn KV"

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from kv_benchmarks.args import add_model_arguments, add_scale_arguments
 from kv_benchmarks.report import Report
 
 ATOL = 1e-4  # fp32 on the CPU; restored K/V are the same bytes, so the difference is usually exactly 0
@@ -88,9 +89,7 @@ HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="model directory (default: build a random-weight one)")
-    parser.add_argument("--shape", default="qwen2-tiny", help="shape of the built model (kv_benchmarks.models)")
-    parser.add_argument("--work-dir", type=Path, default=Path("kvtier-work"), help="built model and caches")
+    add_model_arguments(parser)
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)} (default all)"
     )
@@ -101,10 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block (small: many blocks)")
     parser.add_argument("--seed", type=int, default=0)
-    for name in FULL:
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", type=int, help=f"{HELP[name]}; default {FULL[name]} ({QUICK[name]} quick)"
-        )
+    add_scale_arguments(parser, FULL, QUICK, HELP)
 
 
 # ---------------------------------------------------------------------------------------------------- workload

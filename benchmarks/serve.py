@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from kv_benchmarks.args import positive_float, positive_int
+from kv_benchmarks.args import add_model_arguments, add_scale_arguments, positive_float, positive_int
 from kv_benchmarks.report import Report
 
 FULL = dict(
@@ -67,13 +67,8 @@ FAIRNESS_BAR = 1 / 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="model directory (default: build a random-weight one)")
-    parser.add_argument("--shape", default="qwen2-tiny", help="shape of the built model (kv_benchmarks.models)")
-    parser.add_argument("--work-dir", type=Path, default=Path("kvtier-work"), help="built model and caches")
-    for name in FULL:
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", type=positive_int, help=f"default {FULL[name]} ({QUICK[name]} quick)"
-        )
+    add_model_arguments(parser)
+    add_scale_arguments(parser, FULL, QUICK)
     parser.add_argument("--block-size", type=positive_int, default=64)
     parser.add_argument(
         "--prefill-chunk-tokens",
