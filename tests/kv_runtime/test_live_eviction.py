@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import runtime_helpers
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -170,16 +171,9 @@ BB = LAYOUT.block_bytes
 
 
 async def open_service(tmp_path, *, ddr_blocks: int, disk_blocks: int, **config) -> TierService:
-    values = {
-        "model": "m",
-        "block_size": BLOCK_TOKENS,
-        "ddr_bytes": ddr_blocks * BB,
-        "disk_bytes": disk_blocks * 2 * BB,
-        "cache_dir": tmp_path / "cache",
-        "prefill_tflops": 1e-6,  # recomputing is very slow here: the cost model loads
-        "ddr_gbps": 10.0,
-    }
-    return await TierService.open(KVTierConfig(**{**values, **config}), LAYOUT, KEYER, MODEL)
+    return await runtime_helpers.open_service(
+        tmp_path, LAYOUT, KEYER, MODEL, ddr_blocks=ddr_blocks, disk_blocks=disk_blocks, **config
+    )
 
 
 class Sink:

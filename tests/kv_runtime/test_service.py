@@ -7,12 +7,13 @@ The service is built from a configuration by ``TierService.open`` over a small m
 from __future__ import annotations
 
 import pytest
+import runtime_helpers
 import torch
 from runtime_helpers import BLOCK_TOKENS, block_bytes, tokens
 
 from kv_io.disk_format import HEADER_BYTES
 from kv_io.private_files import UnsafePathError
-from kv_runtime.config import ConfigError, KVTierConfig
+from kv_runtime.config import ConfigError
 from kv_runtime.layout import KVLayout
 from kv_runtime.migrator import MigrationPlan
 from kv_runtime.pool import DDRPool, Tier
@@ -33,17 +34,9 @@ KEYER = BlockKeyer(KeyNamespace(model_id="svc-test@1", kv_dtype="float16", block
 
 
 async def open_service(tmp_path, *, ddr_blocks: int, disk_blocks: int = 64, **config) -> TierService:
-    values = {
-        "model": "m",
-        "block_size": BLOCK_TOKENS,
-        "ddr_bytes": ddr_blocks * BB,
-        "disk_bytes": disk_blocks * 2 * BB,
-        "cache_dir": tmp_path / "cache",
-        "prefill_tflops": 1e-6,  # recomputing is very slow here: the cost model loads
-        "ddr_gbps": 10.0,
-    }
-    cfg = KVTierConfig(**{**values, **config})
-    return await TierService.open(cfg, LAYOUT, KEYER, MODEL)
+    return await runtime_helpers.open_service(
+        tmp_path, LAYOUT, KEYER, MODEL, ddr_blocks=ddr_blocks, disk_blocks=disk_blocks, **config
+    )
 
 
 async def on_disk_only(svc: TierService, seed: int, nblocks: int):
