@@ -181,7 +181,7 @@ def leftovers(engine: Any) -> dict[str, int]:
     """What no finished request may leave behind: index pins (besides named contexts'), blocks with a migration
     in flight, slots busy with a copy."""
     hierarchy = engine.hierarchy
-    context_pins = sum(len(nodes) for nodes in getattr(engine, "_context_pins", {}).values())
+    context_pins = engine.shared_contexts.pinned_blocks()
     pinned = hierarchy.index.stats().pinned_blocks - context_pins
     in_flight = sum(1 for tier in hierarchy.pools for r in hierarchy.blocks_in(tier) if r.in_flight)
     busy = sum(1 for pool in hierarchy.pools.values() for s in pool.live_slots() if s.busy)

@@ -20,34 +20,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kv_pipeline.config import KVTierConfig
-from kv_pipeline.contexts import ContextRegistry, SharedContext
 from kv_pipeline.metrics import PipelineMetrics
 from kv_pipeline.requests import (
-    ContextStoreError,
-    RequestError,
     RequestLimits,
     RequestValidator,
-    UnknownContextError,
 )
 from kv_pipeline.scheduler import Request, RequestMetrics, Scheduler
+from kv_pipeline.shared_contexts import SharedContextAPI, SharedContexts
 from kv_policy import CostBenefitModel, ModelShape
 from kv_runtime import HierarchyManager, KVMigrator
 from kv_runtime.backends.hf_backend import HFModel
 from kv_runtime.layout import LAYOUT_VERSION
 from kv_runtime.model_identity import model_identity
-from kv_runtime.service import NO_ROOM, TierService
-from prefix_reuse import BlockKeyer, BlockNode, KeyNamespace, PinnedError, StaleNodeError
+from kv_runtime.service import TierService
+from prefix_reuse import BlockKeyer, KeyNamespace
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -65,7 +60,7 @@ class GenerationOutput:
     metrics: RequestMetrics | None = None
 
 
-class KVTierEngine:
+class KVTierEngine(SharedContextAPI):
     """A model with kvtier's KV tiers underneath. Use as ``async with``; one per model and cache directory."""
 
     def __new__(cls, config: KVTierConfig, **engine_options: Any):
@@ -84,9 +79,6 @@ class KVTierEngine:
         self.config = config
         self.metrics = PipelineMetrics()
         self._started = False
-        self._context_pins: dict[str, list[BlockNode]] = {}
-        # One save or drop at a time per context id; an entry lives while someone holds or waits for it.
-        self._context_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     @classmethod
     def from_pretrained(
@@ -140,24 +132,15 @@ class KVTierEngine:
         )
         self.validator = RequestValidator(RequestLimits.from_config(self.model.config), self.model.encode)
         self.scheduler = Scheduler(self.model, self.service, prefill_chunk_tokens=cfg.prefill_chunk_tokens)
-        registry_path = cfg.cache_dir / "contexts.sqlite3" if self.service.has_disk else None
         try:
-            self.contexts = ContextRegistry(registry_path, self.namespace.digest)
+            self.shared_contexts = SharedContexts.open(
+                self.service, self.validator, cfg.cache_dir, self.namespace.digest, self._compute_context
+            )
         except BaseException:
             await self.scheduler.close()
             await self.service.close()
             raise
-        self.metrics.registry_damaged(len(self.contexts.moved_aside))
-        vocab = self.validator.limits.vocab_size
-        for ctx in self.contexts.all():
-            if ctx.expired():
-                self.contexts.delete(ctx.context_id)
-            elif not all(0 <= t < vocab for t in ctx.tokens):
-                # a damaged record (this namespace is this model's): every request naming it would fail
-                log.warning("kvtier: dropping shared context %r: token ids outside the vocabulary", ctx.context_id)
-                self.contexts.delete(ctx.context_id)
-            elif ctx.pinned:
-                self._pin_context(ctx)
+        self.metrics.registry_damaged(len(self.shared_contexts.moved_aside))
         self._started = True
 
     @property
@@ -187,10 +170,7 @@ class KVTierEngine:
             return
         self._started = False
         await self.scheduler.close()
-        for nodes in self._context_pins.values():
-            self.hierarchy.index.unpin(nodes)
-        self._context_pins.clear()
-        self.contexts.close()
+        self.shared_contexts.close()
         await self.service.close()
 
     def _require_started(self) -> None:
@@ -271,10 +251,7 @@ class KVTierEngine:
         seed = check.seed(seed)
         tokens = check.prompt(prompt)
         if shared_context_id is not None:
-            ctx = self.get_shared_context(shared_context_id)
-            if ctx is None:
-                raise UnknownContextError(f"no shared context named {shared_context_id!r}")
-            tokens = list(ctx.tokens) + tokens
+            tokens = list(self.shared_contexts.require(shared_context_id).tokens) + tokens
         check.fits(len(tokens), max_new)
         return Request(
             tokens=tokens,
@@ -286,6 +263,11 @@ class KVTierEngine:
             keep_logits=keep_logits,
         )
 
+    async def _compute_context(self, tokens: list[int], label: str) -> None:
+        """A shared context's prefill, returning once its blocks are published."""
+        await self._run(Request(tokens=tokens, max_new_tokens=1, context=label))
+        await self.scheduler.drain()
+
     async def _run(self, req: Request) -> Request:
         """Run a request to its end without streaming; its metrics are recorded under its session."""
         async with contextlib.aclosing(self.scheduler.generate(req)) as tokens_out:
@@ -293,146 +275,6 @@ class KVTierEngine:
                 pass
         self.metrics.record(req.metrics, req.context)
         return req
-
-    # ------------------------------------------------------------------ shared contexts
-
-    async def save_shared_context(
-        self, context_id: str, content: Prompt, *, pin: bool = True, ttl: float | None = None
-    ) -> SharedContext:
-        """Compute and store a prefix once under ``context_id``; ``pin`` keeps it from eviction, ``ttl``
-        (seconds) expires it. Pinned contexts are written to the disk tier so they survive restarts.
-
-        Saving an id again replaces that context once the new one is stored; saves (and drops) of one id run
-        one at a time, in the order they were called. Raises :class:`RequestError` for bad inputs (a context
-        needs at least one full block and must leave room in the model's context length for one more token),
-        :class:`ContextStoreError` when the context does not fit the cache or its disk copy could not be
-        written. A save that fails or is cancelled leaves no pin and no record; a context it was replacing is
-        kept as it was."""
-        self._require_started()
-        check = self.validator
-        context_id = check.identifier(context_id, "context_id")
-        pin = check.flag(pin, "pin")
-        ttl = check.ttl(ttl)
-        tokens = check.prompt(content, "content")
-        if len(tokens) < self.config.block_size:
-            raise RequestError(
-                f"a shared context needs at least one full block ({self.config.block_size} tokens), got {len(tokens)}"
-            )
-        check.fits(len(tokens), 1)
-        async with self._context_lock(context_id):
-            return await self._save_context(context_id, tokens, pin, ttl)
-
-    async def _save_context(self, context_id: str, tokens: list[int], pin: bool, ttl: float | None) -> SharedContext:
-        pinned: list[BlockNode] = []
-        try:
-            await self._run(Request(tokens=tokens, max_new_tokens=1, context=f"context:{context_id}"))
-            await self.scheduler.drain()
-            rk = self.keyer.request(tokens)
-            nodes = self.hierarchy.match(rk)
-            if len(nodes) < rk.num_blocks:
-                raise ContextStoreError(
-                    f"shared context {context_id!r} does not fit the cache: {len(nodes)} of {rk.num_blocks} "
-                    "blocks stored"
-                )
-            now = time.time()
-            ctx = SharedContext(context_id, tuple(tokens), pin, now, now + ttl if ttl is not None else None)
-            if pin:
-                # NOTE: no await between the match and the pin: nothing on this loop can evict the blocks
-                # in between (the index refuses a pin on a node that left it anyway).
-                self.hierarchy.index.pin(nodes)
-                pinned = nodes
-                if self.service.has_disk:
-                    await self.service.persist([n.payload for n in nodes])
-            self.contexts.put(ctx)
-        except BaseException as e:
-            if pinned:
-                self.hierarchy.index.unpin(pinned)
-            if isinstance(e, (*NO_ROOM, StaleNodeError, PinnedError)):
-                raise ContextStoreError(f"shared context {context_id!r} does not fit the cache: {e}") from e
-            if isinstance(e, (OSError, sqlite3.Error)):
-                raise ContextStoreError(f"shared context {context_id!r} could not be stored: {e}") from e
-            raise
-        # The new context is in place: only now does the one it replaces lose its pins.
-        previous = self._context_pins.pop(context_id, None)
-        if previous:
-            self.hierarchy.index.unpin(previous)
-        if pinned:
-            self._context_pins[context_id] = pinned
-        return ctx
-
-    @contextlib.asynccontextmanager
-    async def _context_lock(self, context_id: str) -> AsyncIterator[None]:
-        entry = self._context_locks.get(context_id)
-        if entry is None:
-            entry = self._context_locks[context_id] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._context_locks[context_id]
-
-    def _pin_context(self, ctx: SharedContext) -> None:
-        nodes = self.hierarchy.match(self.keyer.request(np.asarray(ctx.tokens, dtype=np.int32)))
-        if nodes:
-            self.hierarchy.index.pin(nodes)
-            self._context_pins[ctx.context_id] = nodes
-
-    def get_shared_context(self, context_id: str) -> SharedContext | None:
-        """The live context named ``context_id``, or None (never saved, dropped or expired)."""
-        self._require_started()
-        context_id = self.validator.identifier(context_id, "context_id")
-        ctx = self.contexts.get(context_id)
-        if ctx is not None and ctx.expired():
-            self._forget_context(context_id)
-            return None
-        return ctx
-
-    def list_shared_contexts(self) -> list[SharedContext]:
-        self._require_started()
-        live = []
-        for ctx in self.contexts.all():
-            if ctx.expired():
-                self._forget_context(ctx.context_id)
-            else:
-                live.append(ctx)
-        return live
-
-    def shared_context_info(self, context_id: str) -> dict[str, Any]:
-        """A context's record plus where its blocks are now; :class:`UnknownContextError` if there is none."""
-        ctx = self.get_shared_context(context_id)
-        if ctx is None:
-            raise UnknownContextError(f"no shared context named {context_id!r}")
-        nodes = self.hierarchy.match(self.keyer.request(np.asarray(ctx.tokens, dtype=np.int32)))
-        tiers: dict[str, int] = {}
-        for node in nodes:
-            for tier in node.payload.tiers:
-                tiers[tier.name.lower()] = tiers.get(tier.name.lower(), 0) + 1
-        return {
-            "context_id": ctx.context_id,
-            "tokens": ctx.num_tokens,
-            "pinned": ctx.pinned,
-            "expires": ctx.expires,
-            "cached_blocks": len(nodes),
-            "blocks_by_tier": tiers,
-        }
-
-    async def drop_shared_context(self, context_id: str) -> bool:
-        """Forget a context (after a save of the same id in progress); its blocks lose their pin and age out
-        like any other. False if there was none."""
-        self._require_started()
-        context_id = self.validator.identifier(context_id, "context_id")
-        async with self._context_lock(context_id):
-            return self._forget_context(context_id)
-
-    def _forget_context(self, context_id: str) -> bool:
-        nodes = self._context_pins.pop(context_id, None)
-        if nodes:
-            self.hierarchy.index.unpin(nodes)
-        return self.contexts.delete(context_id) or nodes is not None
 
     # ------------------------------------------------------------------ inspection
 

@@ -261,7 +261,7 @@ class _TierCollector:
         loads.add_metric([], up.get("blocks", 0))
         yield loads
         contexts = GaugeMetricFamily("kvtier_shared_contexts", "Live named shared contexts")
-        contexts.add_metric([], len(engine.contexts.all()))
+        contexts.add_metric([], len(engine.list_shared_contexts()))
         yield contexts
 
 

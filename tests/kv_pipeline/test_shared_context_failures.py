@@ -101,7 +101,7 @@ async def test_a_cancelled_save_releases_its_pins(make_engine, monkeypatch):
         with pytest.raises(asyncio.CancelledError):
             await task
         assert pin_counts(engine, doc) == [0] * 3 and pinned(engine) == 0
-        assert engine.get_shared_context("c") is None and engine._context_locks == {}
+        assert engine.get_shared_context("c") is None and engine.shared_contexts.idle()
 
 
 async def test_a_full_disk_tier_fails_the_save_and_releases_its_pins(make_engine):
@@ -142,7 +142,7 @@ async def test_concurrent_saves_of_one_id_leave_one_contexts_pins(make_engine):
         save = engine.save_shared_context("e", prompt(BLOCK * 2, seed=56))
         await asyncio.gather(save, engine.drop_shared_context("e"))
         assert engine.get_shared_context("e") is None and pinned(engine) == 6
-        assert engine._context_locks == {}  # no per-id state outlives its saves
+        assert engine.shared_contexts.idle()  # no per-id state outlives its saves
 
 
 async def test_two_cache_salts_over_one_cache_dir_keep_both_contexts(make_engine):
