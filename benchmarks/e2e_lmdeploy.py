@@ -341,8 +341,8 @@ async def _length_row(eng, stream, rng, length: int, vocab: int, h2d_gbps: float
     store.drop_tier(Tier.DDR)
     split_out = None
     t0 = time.perf_counter()
-    async for _, m, _ in eng.generate(prompts[4], max_new_tokens=1, split=True):
-        split_out = m
+    async for out in eng.generate(prompts[4], max_new_tokens=1, split=True):
+        split_out = out.metrics
     t["disk_split"] = (time.perf_counter() - t0) * 1e3
     plan = split_out.plan if split_out is not None else "none"
     _say(f"{length}: disk with the cost model's plan ({plan}) {t['disk_split']:.0f} ms")

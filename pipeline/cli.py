@@ -84,17 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LMDEPLOY_ONLY = ("session_len", "cache_max_entry_count")
-HF_ONLY = ("warm_up", "warm_up_seconds", "device")
+HF_ONLY = ("device",)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="an OpenAI-compatible server with kvtier's DDR and disk tiers (the transformers engine, or LMDeploy's)",
-        description="--engine hf (default): kvtier's own server (kv_pipeline.server) over the transformers engine, "
-        "CPU or GPU, with named shared contexts (/v1/shared_contexts) and /metrics. --engine lmdeploy: LMDeploy's "
-        "api_server on its PyTorch engine with kvtier's connector (CUDA). Flags without an engine in their help "
-        "mean the same on both.",
+        description="kvtier's server (kv_pipeline.server): /v1/chat/completions, /v1/completions, named shared "
+        "contexts (/v1/shared_contexts), /metrics, over the transformers engine (--engine hf, the default: CPU or "
+        "GPU) or LMDeploy's PyTorch engine with kvtier's connector (--engine lmdeploy: CUDA). Flags without an "
+        "engine in their help mean the same on both.",
     )
     serve.add_argument("model", help="model directory")
     serve.add_argument(
@@ -118,10 +118,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--warm-up",
         action="store_true",
-        help="hf: before accepting requests, promote pinned shared contexts' and the hottest disk blocks into DDR",
+        help="before accepting requests, promote pinned shared contexts' and the hottest disk blocks into DDR",
     )
     serve.add_argument(
-        "--warm-up-seconds", type=positive_float, help="hf: time bound of --warm-up (default 30; implies --warm-up)"
+        "--warm-up-seconds", type=positive_float, help="time bound of --warm-up (default 30; implies --warm-up)"
     )
     serve.add_argument("--session-len", type=positive_int, help="lmdeploy: longest prompt plus output, in tokens")
     serve.add_argument(
@@ -152,39 +152,22 @@ def serve(args: argparse.Namespace) -> int:
     # The settings are checked before any engine is imported: a mistake costs no engine start.
     config = KVTierConfig.load(args.config, preset=args.preset, model=args.model, engine=args.engine, **overrides)
     config.check_engine(args.engine)
-    if args.engine == "hf":
-        return _serve_hf(args, config)
-    return _serve_lmdeploy(args, config)
+    return _serve(args, config)
 
 
-def _serve_hf(args: argparse.Namespace, config: object) -> int:
-    """kvtier's OpenAI-compatible server (``kv_pipeline.server``) over the transformers engine."""
+def _serve(args: argparse.Namespace, config: object) -> int:
+    """kvtier's OpenAI-compatible server (``kv_pipeline.server``) over the engine ``--engine`` names."""
     import asyncio
 
     from kv_pipeline.server import serve_forever
 
     warm = args.warm_up_seconds if args.warm_up_seconds is not None else (30.0 if args.warm_up else None)
     level = "info" if args.log_level in ("DEBUG", "INFO") else "warning"
-    asyncio.run(serve_forever(config, args.server_name, args.server_port, warm_up_seconds=warm, log_level=level))
-    return 0
-
-
-def _serve_lmdeploy(args: argparse.Namespace, config: object) -> int:
-    """LMDeploy's OpenAI-compatible server on its PyTorch engine with kvtier's connector installed."""
-    from kv_pipeline.lmdeploy_engine import engine_config
-    from kv_runtime.backends.lmdeploy_connector import install
-
-    install()
-    from lmdeploy.serve.openai.api_server import serve as lmdeploy_serve
-
-    options = {"session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count}
-    backend_config = engine_config(config, **{k: v for k, v in options.items() if v is not None})
-    lmdeploy_serve(
-        args.model,
-        backend="pytorch",
-        backend_config=backend_config,
-        server_name=args.server_name,
-        server_port=args.server_port,
+    options = {name: getattr(args, name) for name in LMDEPLOY_ONLY if getattr(args, name) is not None}
+    asyncio.run(
+        serve_forever(
+            config, args.server_name, args.server_port, warm_up_seconds=warm, log_level=level, engine_options=options
+        )
     )
     return 0
 

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,12 @@ class KVTierEngine(SharedContextAPI):
         self.scheduler = Scheduler(self.model, self.service, prefill_chunk_tokens=cfg.prefill_chunk_tokens)
         try:
             self.shared_contexts = SharedContexts.open(
-                self.service, self.validator, cfg.cache_dir, self.namespace.digest, self._compute_context
+                self.service,
+                self.validator,
+                cfg.cache_dir,
+                self.namespace.digest,
+                self._compute_context,
+                self.on_service,
             )
         except BaseException:
             await self.scheduler.close()
@@ -142,6 +147,14 @@ class KVTierEngine(SharedContextAPI):
             raise
         self.metrics.registry_damaged(len(self.shared_contexts.moved_aside))
         self._started = True
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    async def on_service(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Await a coroutine of the tier service (it runs on this engine's loop)."""
+        return await coro
 
     @property
     def hierarchy(self) -> HierarchyManager:

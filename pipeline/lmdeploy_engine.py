@@ -7,6 +7,9 @@ recomputing its front while its back streams in finishes first, the front runs a
 computes it into its GPU prefix cache) while the back comes up from disk, then the full prompt runs and finds
 the front in HBM and the back in DDR.
 
+It offers the transformers engine's API (``generate`` streams the same records, named shared contexts work the
+same way through ``kv_pipeline.shared_contexts``), so kvtier's server serves either engine.
+
 Needs a CUDA machine and LMDeploy 0.18 (``pip install 'kvtier[lmdeploy]'``).
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,9 +27,11 @@ import orjson
 import torch
 
 from kv_pipeline.config import KVTierConfig
+from kv_pipeline.engine import GenerationOutput
 from kv_pipeline.metrics import PipelineMetrics
 from kv_pipeline.requests import RequestError, RequestLimits, RequestValidator
 from kv_pipeline.scheduler import RequestMetrics
+from kv_pipeline.shared_contexts import SharedContextAPI, SharedContexts
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -65,8 +70,9 @@ def _block_bytes(config: KVTierConfig) -> int:
     ).block_bytes
 
 
-class LMDeployKVTierEngine:
-    """The async API over LMDeploy: ``generate``, ``prefill``, ``prompt_logits``, ``metrics_snapshot``."""
+class LMDeployKVTierEngine(SharedContextAPI):
+    """The async API over LMDeploy, the transformers engine's: ``generate``, ``prefill``, ``prompt_logits``,
+    named shared contexts, ``drain``, ``metrics_snapshot``; kvtier's server (``kv_pipeline.server``) serves it."""
 
     def __init__(self, config: KVTierConfig, **engine_options: Any) -> None:
         """``engine_options`` are ``PytorchEngineConfig`` fields; ``logprobs_mode`` defaults to raw logits so
@@ -106,13 +112,52 @@ class LMDeployKVTierEngine:
         if len(stores) != 1:
             raise RuntimeError(f"expected one kvtier store in this process, found {len(stores)}")
         self.store = stores[0]
+        try:
+            self.shared_contexts = SharedContexts.open(
+                self.store.service,
+                self.validator,
+                self.config.cache_dir,
+                self.store.namespace.digest,
+                self._compute_context,
+                on_service=self.on_service,
+            )
+        except BaseException:
+            self.engine.close()
+            self.store.close()
+            raise
+        self.metrics.registry_damaged(len(self.shared_contexts.moved_aside))
         self._started = True
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("the engine is not started: use `async with engine` or `await engine.start()`")
+
+    async def on_service(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Await a coroutine of the tier service on the store's own loop thread, where it runs."""
+        return await asyncio.wrap_future(self.store.io.submit(coro))
+
+    @property
+    def service(self):
+        return self.store.service
+
+    @property
+    def hierarchy(self):
+        return self.store.hierarchy
+
+    @property
+    def migrator(self):
+        return self.store.migrator
+
+    @property
+    def keyer(self):
+        return self.store.keyer
 
     async def close(self) -> None:
         if not self._started:
             return
         self._started = False
         self.store.wait_idle()
+        self.shared_contexts.close()
         self.engine.close()
         await asyncio.sleep(0.5)  # the engine's loop tasks end on this loop
         self.store.close()
@@ -135,64 +180,113 @@ class LMDeployKVTierEngine:
 
     # ------------------------------------------------------------------ generation
 
-    async def _stream(self, tokens: list[int], gen_config) -> AsyncIterator[Any]:
+    async def _stream(self, tokens: list[int], gen_config, m: RequestMetrics) -> AsyncIterator[Any]:
+        """LMDeploy's outputs for one request of its own session; what its prompt reused is added to ``m``
+        (LMDeploy's cached tokens count its own GPU prefix-cache hits and the connector's loads together)."""
+        from lmdeploy.messages import ResponseType
+
         session_id = next(self._session_ids)
-        async for out in self.instance.async_stream_infer(session_id, tokens, gen_config=gen_config):
-            yield out
+        cached = 0
+        try:
+            async for out in self.instance.async_stream_infer(session_id, tokens, gen_config=gen_config):
+                if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
+                    raise RuntimeError(f"LMDeploy answered {out.status}")
+                if out.req_metrics is not None:
+                    cached = max(cached, int(out.req_metrics.cached_tokens))
+                yield out
+        finally:
+            loaded = self.store.take_reused(session_id)
+            reused = m.reused_tokens
+            for tier, n in loaded.items():
+                reused[tier] = reused.get(tier, 0) + n
+            gpu = cached - sum(loaded.values())
+            if gpu > 0:
+                reused["gpu"] = reused.get("gpu", 0) + gpu
 
-    async def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_new_tokens: int = 32,
-        session_id: str = "default",
-        split: bool = True,
-        top_logits: int = 0,
-    ) -> AsyncIterator[tuple[list[int], RequestMetrics, Any]]:
-        """Stream ``(new token ids, metrics, top logits or None)``; metrics are complete on the last item.
+    def _gen_config(self, max_new_tokens: int, temperature: float, seed: int | None, top_logits: int = 0):
+        from lmdeploy import GenerationConfig
 
-        With ``split`` the cost model may run the prompt's front as its own request first (see the module
-        docstring); TTFT counts both. ``top_logits=K`` asks LMDeploy for the K largest raw logits of each new
-        token (``{token id: logit}`` per token); LMDeploy's PyTorch engine returns no full logits rows while
-        generating.
-        """
-        check = self.validator
-        session_id = check.identifier(session_id, "session_id")
-        max_new_tokens = check.max_new_tokens(max_new_tokens)
-        if not isinstance(top_logits, int) or isinstance(top_logits, bool) or top_logits < 0:
-            raise RequestError(f"top_logits must be an integer >= 0, got {top_logits!r}")
-        tokens = check.prompt(prompt)
-        check.fits(len(tokens), max_new_tokens)
+        sampling: dict[str, Any] = {"top_k": 1} if temperature == 0 else {"temperature": temperature, "top_k": 0}
+        if seed is not None:
+            sampling["random_seed"] = seed
+        return GenerationConfig(max_new_tokens=max_new_tokens, logprobs=top_logits or None, **sampling)
+
+    def _request_tokens(self, prompt: Prompt, shared_context_id: Any, max_new_tokens: int) -> list[int]:
+        tokens = self.validator.prompt(prompt)
+        if shared_context_id is not None:
+            self._require_started()
+            tokens = list(self.shared_contexts.require(shared_context_id).tokens) + tokens
+        self.validator.fits(len(tokens), max_new_tokens)
+        return tokens
+
+    async def _outputs(
+        self, tokens: list[int], gen_config, m: RequestMetrics, split: bool
+    ) -> AsyncIterator[tuple[list[int], Any]]:
+        """``(new token ids, LMDeploy's top logits or None)`` per output; ``m`` is complete after the last.
+
+        With ``split`` the cost model may run the prompt's front as its own request first (the module
+        docstring); TTFT counts both."""
         from lmdeploy import GenerationConfig
         from lmdeploy.messages import ResponseType
 
-        m = RequestMetrics(prompt_tokens=len(tokens), plan="engine")
+        self._require_started()
+        m.prompt_tokens, m.plan = len(tokens), "engine"
         t0 = time.perf_counter()
         if split:
             plan = self.store.scheduler.plan_split(tokens)
             if plan is not None:
-                front, _ = plan
                 m.plan = "both"
-                async for _ in self._stream(tokens[:front], GenerationConfig(max_new_tokens=1)):
+                front = RequestMetrics()  # what the front reuses is not the prompt's: it is computed again
+                async for _ in self._stream(tokens[: plan[0]], GenerationConfig(max_new_tokens=1), front):
                     pass
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, logprobs=top_logits or None)
         first = None
-        async for out in self._stream(tokens, gen):
-            if out.status not in (ResponseType.SUCCESS, ResponseType.FINISH):
-                raise RuntimeError(f"LMDeploy answered {out.status}")
+        async for out in self._stream(tokens, gen_config, m):
             if out.token_ids and first is None:
                 first = time.perf_counter()
                 m.ttft_ms = (first - t0) * 1e3
             m.output_tokens += len(out.token_ids)
             if out.status is ResponseType.FINISH and first is not None:
                 m.decode_ms = (time.perf_counter() - first) * 1e3
-            yield out.token_ids, m, out.logprobs
+            yield out.token_ids, out.logprobs
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 32,
+        shared_context_id: str | None = None,
+        session_id: str = "default",
+        temperature: float = 0.0,
+        seed: int | None = None,
+        split: bool = True,
+    ) -> AsyncIterator[GenerationOutput]:
+        """Stream new tokens for ``prompt`` (text, chat messages or token ids), after a shared context if named,
+        as the transformers engine does: :class:`GenerationOutput` records, the last carrying the metrics
+        (``reused_tokens`` by where they came from: ``gpu`` for LMDeploy's own prefix cache, ``ddr``, ``disk``).
+        ``split``: see :meth:`_outputs`."""
+        check = self.validator
+        session_id = check.identifier(session_id, "session_id")
+        max_new_tokens = check.max_new_tokens(max_new_tokens)
+        temperature, seed = check.temperature(temperature), check.seed(seed)
+        tokens = self._request_tokens(prompt, shared_context_id, max_new_tokens)
+        m = RequestMetrics()
+        pending: int | None = None
+        index = 0
+        async for ids, _ in self._outputs(tokens, self._gen_config(max_new_tokens, temperature, seed), m, split):
+            for token in ids:
+                if pending is not None:
+                    yield GenerationOutput(pending, self.tokenizer.decode([pending]), index, False)
+                    index += 1
+                pending = token
         self.metrics.record(m, session_id)
+        if pending is not None:
+            yield GenerationOutput(pending, self.tokenizer.decode([pending]), index, True, m)
 
     async def prefill(self, prompt: Prompt, *, session_id: str = "default") -> RequestMetrics:
+        """Process a prompt and cache its blocks; returns the request's metrics."""
         metrics = None
-        async for _, m, _ in self.generate(prompt, max_new_tokens=1, session_id=session_id):
-            metrics = m
+        async for out in self.generate(prompt, max_new_tokens=1, session_id=session_id):
+            metrics = out.metrics
         assert metrics is not None
         return metrics
 
@@ -200,29 +294,46 @@ class LMDeployKVTierEngine:
         self, prompt: Prompt, *, k: int = 64, session_id: str = "default", split: bool = True
     ) -> tuple[dict[int, float], RequestMetrics]:
         """The ``k`` largest raw logits after the prompt's last token (``{token id: logit}``), as LMDeploy
-        computed them over whatever kvtier restored."""
-        top = metrics = None
-        async for _, m, logprobs in self.generate(
-            prompt, max_new_tokens=1, session_id=session_id, split=split, top_logits=k
-        ):
-            metrics = m
+        computed them over whatever kvtier restored (LMDeploy's PyTorch engine returns no full logits rows)."""
+        check = self.validator
+        session_id = check.identifier(session_id, "session_id")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise RequestError(f"k must be an integer >= 1, got {k!r}")
+        tokens = self._request_tokens(prompt, None, 1)
+        m = RequestMetrics()
+        top = None
+        async for _, logprobs in self._outputs(tokens, self._gen_config(1, 0.0, None, top_logits=k), m, split):
             if logprobs:
                 top = logprobs[0]
-        if top is None or metrics is None:
+        if top is None:
             raise RuntimeError("LMDeploy returned no logits")
-        return {int(t): float(v) for t, v in top.items()}, metrics
+        self.metrics.record(m, session_id)
+        return {int(t): float(v) for t, v in top.items()}, m
+
+    async def _compute_context(self, tokens: list[int], label: str) -> None:
+        """A shared context's prefill, returning once kvtier has published its blocks."""
+        m = RequestMetrics()
+        async for _ in self._outputs(tokens, self._gen_config(1, 0.0, None), m, split=True):
+            pass
+        self.metrics.record(m, label)
+        await self.drain()
 
     # ------------------------------------------------------------------ control and inspection
 
-    async def evict_gpu_prefix_cache(self) -> int:
-        """Empty LMDeploy's GPU prefix cache; returns how many blocks it freed. Call between requests.
-
-        Blocks of a finished request stay leased until LMDeploy has taken kvtier's report that their saves
-        ended (on its next step), so this first waits for the saves and for those reports."""
-        self.store.wait_idle()
+    async def drain(self) -> None:
+        """Wait until every transfer started so far has ended and LMDeploy has taken the reports of the saves
+        (their blocks are published in kvtier's tiers and LMDeploy's leases on them are returned)."""
+        self._require_started()
+        await asyncio.to_thread(self.store.wait_idle)
         deadline = time.monotonic() + 5.0
         while self.store.saves_in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
+
+    async def evict_gpu_prefix_cache(self) -> int:
+        """Empty LMDeploy's GPU prefix cache; returns how many blocks it freed. Call between requests (blocks of
+        a finished request stay leased until LMDeploy has taken kvtier's report that their saves ended, which
+        :meth:`drain` waits for)."""
+        await self.drain()
         freed = 0
         while True:
             n = int(self.engine.scheduler.block_trie.evict(1 << 62))

@@ -396,7 +396,7 @@ class _App:
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.model.tokenizer
+        return self.engine.tokenizer
 
     def _finish_reason(self, metrics: Any, last_token: int | None, max_tokens: int) -> str:
         stop = self.tokenizer.eos_token_id
@@ -854,7 +854,7 @@ async def warm_up(
                     continue
                 chunk.append(node)
             try:
-                moved = await asyncio.wait_for(engine.service.prefetch(chunk), timeout=left)
+                moved = await asyncio.wait_for(engine.on_service(engine.service.prefetch(chunk)), timeout=left)
             except asyncio.TimeoutError:
                 timed_out = True
                 break
@@ -882,9 +882,11 @@ async def serve_forever(
     *,
     warm_up_seconds: float | None = None,
     log_level: str = "info",
+    engine_options: dict[str, Any] | None = None,
 ) -> None:
-    """``kvtier serve --engine hf``: start the engine, warm up if asked, serve until SIGINT/SIGTERM, close."""
-    async with KVTierEngine(config) as engine:
+    """``kvtier serve``: start the engine ``config.engine`` names (``engine_options``: LMDeploy's engine
+    settings), warm up if asked, serve until SIGINT/SIGTERM, close."""
+    async with KVTierEngine(config, **(engine_options or {})) as engine:
         if warm_up_seconds is not None:
             await warm_up(engine, seconds=warm_up_seconds)
         server = Server(engine, host, port, log_level=log_level, signals=True)

@@ -33,10 +33,6 @@ Compute = Callable[[list[int], str], Awaitable[None]]
 OnService = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 
-async def _same_loop(coro: Coroutine[Any, Any, Any]) -> Any:
-    return await coro
-
-
 class SharedContexts:
     """The contexts of one engine: registry, pins, and one save or drop at a time per id.
 
@@ -50,7 +46,7 @@ class SharedContexts:
         validator: RequestValidator,
         registry: ContextRegistry,
         compute: Compute,
-        on_service: OnService = _same_loop,
+        on_service: OnService,
     ) -> None:
         self.service = service
         self.hierarchy = service.hierarchy
@@ -71,7 +67,7 @@ class SharedContexts:
         cache_dir: Path,
         namespace_digest: bytes,
         compute: Compute,
-        on_service: OnService = _same_loop,
+        on_service: OnService,
     ) -> SharedContexts:
         """The registry beside the disk tier (in memory without one), its expired and damaged records dropped
         and its pinned contexts pinned again over the blocks the disk tier recovered."""

@@ -93,6 +93,8 @@ class Load:
     lease: Lease
     first: int  # the first block loaded (LMDeploy holds the ones before)
     started: bool = False
+    session_id: int = -1  # the engine session it serves (what the store reports reuse under)
+    tokens: dict[str, int] = field(default_factory=dict)  # the tokens it loads, by the tier they come from
 
 
 @dataclass(slots=True)
@@ -212,6 +214,8 @@ class LMDeployStore:
         self.lock = threading.Lock()
         self.loads: dict[int, Load] = {}  # bound loads by request id, until paging takes their result
         self.saves: dict[int, Save] = {}  # saves by id, until paging takes their completion
+        # Tokens loaded per engine session and tier, until the engine takes them (``take_reused``).
+        self.reused: dict[int, dict[str, int]] = {}
         self.scheduler = LMDeploySchedulerSide(self)
         self.worker = LMDeployWorkerSide(self)
 
@@ -232,6 +236,11 @@ class LMDeployStore:
     def wait_idle(self, timeout: float = 600.0) -> None:
         """Block until every transfer started so far has ended (benchmarks, shutdown)."""
         self.worker.wait_idle(timeout)
+
+    def take_reused(self, session_id: int) -> dict[str, int]:
+        """The tokens kvtier loaded for an engine session, by tier (``ddr``, ``disk``), forgotten once taken."""
+        with self.lock:
+            return self.reused.pop(session_id, {})
 
     def saves_in_flight(self) -> int:
         """Saves whose completion LMDeploy has not taken yet (it still leases their blocks)."""

@@ -203,7 +203,7 @@ def _connector_class() -> type:
             )
 
         def update_state_after_alloc(self, request, block_ids: Sequence[int], num_external_tokens: int) -> None:
-            self.scheduler.bind(int(request.seq_id), block_ids, int(num_external_tokens))
+            self.scheduler.bind(int(request.seq_id), block_ids, int(num_external_tokens), int(request.session_id))
 
         def build_connector_meta(self, step_input) -> KVTierMetadata | None:
             running = []

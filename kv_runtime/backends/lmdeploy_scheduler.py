@@ -93,8 +93,9 @@ class LMDeploySchedulerSide:
             log.info("kvtier: request %d loads %d blocks (%d from disk)", request_id, len(lease.nodes), on_disk)
         return (first + len(lease.nodes)) * bs - int(num_computed), True
 
-    def bind(self, request_id: int, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        """LMDeploy allocated ``block_ids`` for the last ``num_external_tokens`` of a positive lookup."""
+    def bind(self, request_id: int, block_ids: Sequence[int], num_external_tokens: int, session_id: int = -1) -> None:
+        """LMDeploy allocated ``block_ids`` for the last ``num_external_tokens`` of a positive lookup of the
+        engine session ``session_id`` (whose loaded tokens per tier the store then reports)."""
         if num_external_tokens <= 0:
             return
         bs = self.block_size
@@ -115,8 +116,12 @@ class LMDeploySchedulerSide:
         if skip:
             self.service.release(lease, range(skip))
             lease = Lease(lease.rk, first, lease.nodes[skip:], _shifted(lease, skip), lease.tenant)
+        from_ddr = sum(Tier.DDR in n.payload.copies for n in lease.nodes)
+        tiers = {"ddr": from_ddr * bs, "disk": (len(lease.nodes) - from_ddr) * bs}
         with self._lock:
-            self._pending[request_id] = Load(request_id, tuple(int(b) for b in block_ids), lease, first)
+            self._pending[request_id] = Load(
+                request_id, tuple(int(b) for b in block_ids), lease, first, session_id=session_id, tokens=tiers
+            )
 
     # ------------------------------------------------------------------ one step
 
@@ -176,6 +181,9 @@ class LMDeploySchedulerSide:
                     self._next_save[request_id] = load.first  # its recomputed blocks are saved again
                 else:
                     self._next_save[request_id] = load.first + len(load.block_ids)
+                    reused = self.store.reused.setdefault(load.session_id, {})
+                    for tier, n in load.tokens.items():
+                        reused[tier] = reused.get(tier, 0) + n
                 results.append((request_id, not failed))
             done = {s for s in completed_saves if s in self.store.saves}
             for s in done:

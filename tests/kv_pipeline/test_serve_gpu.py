@@ -1,8 +1,9 @@
-"""`kvtier serve` end to end: LMDeploy's OpenAI server with the connector, restarted over the same disk tier.
+"""`kvtier serve --engine lmdeploy` end to end: kvtier's server over LMDeploy's engine, restarted over one disk tier.
 
-CUDA, LMDeploy 0.18 and its server's packages (fastapi, uvicorn) only. The first server computes a prompt and
-writes its blocks down; a second server process, started over the same cache directory, must load them from
-disk (its log says so) and answer with the same greedy completion.
+CUDA, LMDeploy 0.18 and the server's packages only; the real ``openai`` client. The first server saves a pinned
+shared context and answers requests against it (their ``cached_tokens`` cover the context); a second server
+process over the same cache directory still knows the context, loads its blocks from disk (its log says so),
+reports them in ``cached_tokens`` and answers with the same greedy completion. Both expose ``/metrics``.
 """
 
 from __future__ import annotations
@@ -83,15 +84,39 @@ class _Server:
                 raise AssertionError(f"server did not start:\n{log.read_text(errors='replace')[-4000:]}")
             time.sleep(1)
 
-    def complete(self, model: Path, prompt: str) -> str:
-        body = {"model": str(model), "prompt": prompt, "max_tokens": 8, "temperature": 0.0}
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
+
+    def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/completions",
+            f"http://127.0.0.1:{self.port}{path}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())["choices"][0]["text"]
+            return json.loads(r.read())
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as r:
+            return r.read().decode()
+
+    def ask(self, question: str, context: str | None = None) -> tuple[str, int]:
+        """A streamed completion; its text and the ``cached_tokens`` of its final usage chunk."""
+        extra = {"shared_context_id": context} if context else None
+        stream = self.client().completions.create(
+            model="m", prompt=question, max_tokens=8, temperature=0.0, stream=True,
+            stream_options={"include_usage": True}, extra_body=extra,
+        )  # fmt: skip
+        text, cached = "", None
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                cached = chunk.usage.prompt_tokens_details.cached_tokens
+        assert cached is not None, "no usage chunk"
+        return text, cached
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -104,27 +129,38 @@ class _Server:
         self.file.close()
 
 
-def test_serve_restart_loads_prefix_from_disk(tmp_path):
+def test_serve_shared_context_survives_restart(tmp_path):
     from kv_benchmarks.models import build_model_dir
 
     model = build_model_dir(tmp_path / "model", "qwen2-tiny", dtype="bfloat16", device="cuda", peaked=True)
     cache = tmp_path / "cache"
-    prompt = " ".join(f"item{i} costs {i * 7 % 101} coins;" for i in range(400))
+    document = " ".join(f"item{i} costs {i * 7 % 101} coins;" for i in range(400))
+    question = " How much does item17 cost?"
 
     first = _Server(model, cache, tmp_path / "first.log")
     try:
-        text = first.complete(model, prompt)
-        _wait_for(first.log, "blocks written to disk", first.proc, 60)
+        saved = first.post("/v1/shared_contexts", {"id": "price-list", "prompt": document, "pin": True})
+        full = saved["tokens"] // 64 * 64
+        assert saved["id"] == "price-list" and full >= 64
+        text, cached = first.ask(question, "price-list")
+        assert cached >= full  # the context came from LMDeploy's GPU cache or kvtier, never recomputed
+        listed = json.loads(first.get("/v1/shared_contexts"))["data"]
+        assert [c["id"] for c in listed] == ["price-list"]
+        metrics = first.get("/metrics")
+        assert "kvtier_ttft_seconds" in metrics and "kvtier_tier_blocks" in metrics
     finally:
         first.stop()
 
     second = _Server(model, cache, tmp_path / "second.log")
     try:
-        again = second.complete(model, prompt)
+        info = json.loads(second.get("/v1/shared_contexts/price-list"))
+        assert info["tokens"] == saved["tokens"] and info["blocks_by_tier"].get("disk", 0) >= full // 64
+        again, cached_again = second.ask(question, "price-list")
     finally:
         second.stop()
     log = second.log.read_text(errors="replace")
     hits = [(int(a), int(b)) for a, b in re.findall(r"kvtier: request \d+ loads (\d+) blocks \((\d+) from disk\)", log)]
     assert hits, f"the restarted server found nothing in kvtier:\n{log[-4000:]}"
     assert all(n > 0 and disk == n for n, disk in hits)  # a new process: every block it loads comes from disk
+    assert cached_again >= full
     assert again == text

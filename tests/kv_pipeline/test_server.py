@@ -247,7 +247,7 @@ async def test_a_restarted_server_finds_a_pinned_context(make_engine):
     ("argv", "message"),
     [
         (["serve", "m", "--session-len", "4096"], "--session-len: not an option of --engine hf"),
-        (["serve", "m", "--engine", "lmdeploy", "--warm-up"], "--warm-up: not an option of --engine lmdeploy"),
+        (["serve", "m", "--engine", "lmdeploy", "--device", "cpu"], "--device: not an option of --engine lmdeploy"),
         (["serve", "m", "--warm-up-seconds", "0"], "--warm-up-seconds: must be a finite number > 0"),
     ],
 )

@@ -165,10 +165,56 @@ def test_corrupt_disk_block_is_recomputed_and_counted(engine, loop):
 def test_generate_streams_tokens(engine, loop):
     async def collect():
         out, metrics = [], None
-        async for ids, m, _ in engine.generate(_prompt(4, 300), max_new_tokens=8):
-            out.extend(ids)
-            metrics = m
+        async for o in engine.generate(_prompt(4, 300), max_new_tokens=8):
+            out.append(o.token_id)
+            metrics = o.metrics
         return out, metrics
 
     tokens, metrics = loop.run_until_complete(collect())
     assert len(tokens) == 8 and metrics.output_tokens == 8 and metrics.ttft_ms > 0
+
+
+def test_reuse_is_reported_by_tier(engine, loop):
+    """``reused_tokens`` says where a prompt's prefix came from: nothing, LMDeploy's GPU cache, kvtier's DDR."""
+    tokens = _prompt(21, 640)  # 10 blocks; LMDeploy matches at most up to the last token: 9 blocks
+    store = engine.store
+    cold = loop.run_until_complete(engine.prefill(tokens))
+    warm = loop.run_until_complete(engine.prefill(tokens))
+    loop.run_until_complete(engine.evict_gpu_prefix_cache())
+    store.always_load = True
+    try:
+        ddr = loop.run_until_complete(engine.prefill(tokens))
+    finally:
+        store.always_load = False
+    assert sum(cold.reused_tokens.values()) == 0
+    assert warm.reused_tokens == {"gpu": 576}
+    assert ddr.reused_tokens == {"ddr": 576, "disk": 0}
+
+
+def test_shared_context_on_lmdeploy(engine, loop):
+    from kv_pipeline import UnknownContextError
+
+    document = _prompt(22, 512)
+    question = _prompt(23, 40)
+
+    async def ask() -> tuple[list[int], object]:
+        outs = [o async for o in engine.generate(question, shared_context_id="doc", max_new_tokens=4)]
+        return [o.token_id for o in outs], outs[-1].metrics
+
+    ctx = loop.run_until_complete(engine.save_shared_context("doc", document, pin=True))
+    assert ctx.num_tokens == 512 and [c.context_id for c in engine.list_shared_contexts()] == ["doc"]
+    info = engine.shared_context_info("doc")
+    assert info["cached_blocks"] == 8 and info["blocks_by_tier"].get("disk") == 8  # pinned: written down
+    first, m1 = loop.run_until_complete(ask())
+    assert m1.prompt_tokens == 552 and m1.reused_tokens.get("gpu", 0) >= 512
+    loop.run_until_complete(engine.evict_gpu_prefix_cache())
+    engine.store.always_load = True
+    try:
+        again, m2 = loop.run_until_complete(ask())
+    finally:
+        engine.store.always_load = False
+    assert m2.reused_tokens.get("ddr", 0) + m2.reused_tokens.get("disk", 0) >= 512
+    assert again == first
+    assert loop.run_until_complete(engine.drop_shared_context("doc"))
+    with pytest.raises(UnknownContextError):
+        loop.run_until_complete(ask())
