@@ -268,6 +268,8 @@ class LMDeployKVTierEngine(SharedContextAPI):
         session_id = check.identifier(session_id, "session_id")
         max_new_tokens = check.max_new_tokens(max_new_tokens)
         temperature, seed = check.temperature(temperature), check.seed(seed)
+        if temperature > 2:
+            raise RequestError(f"temperature must be at most 2 on LMDeploy's engine, got {temperature}")
         tokens = self._request_tokens(prompt, shared_context_id, max_new_tokens)
         m = RequestMetrics()
         pending: int | None = None

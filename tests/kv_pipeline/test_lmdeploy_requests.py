@@ -25,13 +25,21 @@ def engine(model_dir) -> LMDeployKVTierEngine:
         ({"prompt": [1, 2], "max_new_tokens": 10**9}, "context length"),
         ({"prompt": [1, 2], "max_new_tokens": 0}, "max_new_tokens"),
         ({"prompt": [1, 2], "session_id": 5}, "session_id"),
-        ({"prompt": [1, 2], "top_logits": -1}, "top_logits must be an integer >= 0"),
+        ({"prompt": [1, 2], "temperature": -1.0}, "temperature"),
+        ({"prompt": [1, 2], "temperature": 2.5}, "at most 2 on LMDeploy"),
+        ({"prompt": [1, 2], "seed": "x"}, "seed"),
     ],
 )
 async def test_bad_requests_are_refused_with_request_errors(engine, kwargs, message):
     with pytest.raises(RequestError, match=message):
         async for _ in engine.generate(**kwargs):
             pass
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+async def test_prompt_logits_refuses_a_bad_k(engine, k):
+    with pytest.raises(RequestError, match="k must be an integer >= 1"):
+        await engine.prompt_logits([1, 2], k=k)
 
 
 def test_text_and_chat_messages_encode_like_the_transformers_engine(engine, model_dir):
