@@ -67,6 +67,10 @@ FAIRNESS_BAR = 1 / 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kv_benchmarks import serve_lmdeploy
+
+    parser.add_argument("--engine", choices=["hf", "lmdeploy"], default="hf", help="the engine under the server")
+    serve_lmdeploy.add_arguments(parser.add_argument_group("--engine lmdeploy (CUDA, LMDeploy 0.18)"))
     add_model_arguments(parser)
     add_scale_arguments(parser, FULL, QUICK)
     parser.add_argument("--block-size", type=positive_int, default=64)
@@ -208,7 +212,7 @@ class BackgroundServer:
                 self.base_url = server.base_url
                 self._ready.set()
                 await self._stopped.wait()
-            await engine.scheduler.drain()
+            await engine.drain()
             self.snapshot = engine.metrics_snapshot()
 
     def start(self) -> BackgroundServer:
@@ -370,7 +374,7 @@ async def _client_main(server: BackgroundServer, p: dict[str, int], args: argpar
     out: dict[str, Any] = {"doc_qa": {}, "fairness": {}, "long": {}}
 
     async def drained() -> None:
-        await asyncio.to_thread(server.call, lambda e: e.scheduler.drain())
+        await asyncio.to_thread(server.call, lambda e: e.drain())
 
     async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", timeout=600, max_retries=0) as client:
         # a warm-up request (first compute, first HTTP connection), not measured
@@ -387,7 +391,7 @@ async def _client_main(server: BackgroundServer, p: dict[str, int], args: argpar
             gaps, longs = await run_fairness(client, model, case, p, encode, args.seed + 10 + k)
             out["fairness"][case] = gaps
             out["long"][case] = longs
-            server.call(lambda e: e.scheduler.drain())
+            server.call(lambda e: e.drain())
     return out
 
 
@@ -493,4 +497,8 @@ def run_bench(args: argparse.Namespace) -> Report:
 
 
 def run(args: argparse.Namespace) -> Report:
+    if args.engine == "lmdeploy":
+        from kv_benchmarks import serve_lmdeploy
+
+        return serve_lmdeploy.run(args)
     return run_bench(args)

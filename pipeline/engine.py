@@ -276,10 +276,15 @@ class KVTierEngine(SharedContextAPI):
             keep_logits=keep_logits,
         )
 
+    async def drain(self) -> None:
+        """Wait until every write-back and transfer started so far has ended (their blocks are published)."""
+        self._require_started()
+        await self.scheduler.drain()
+
     async def _compute_context(self, tokens: list[int], label: str) -> None:
         """A shared context's prefill, returning once its blocks are published."""
         await self._run(Request(tokens=tokens, max_new_tokens=1, context=label))
-        await self.scheduler.drain()
+        await self.drain()
 
     async def _run(self, req: Request) -> Request:
         """Run a request to its end without streaming; its metrics are recorded under its session."""

@@ -204,7 +204,8 @@ def test_shared_context_on_lmdeploy(engine, loop):
     question = _prompt(23, 40)
 
     async def ask() -> tuple[list[int], object]:
-        outs = [o async for o in engine.generate(question, shared_context_id="doc", max_new_tokens=4)]
+        gen = engine.generate(question, shared_context_id="doc", max_new_tokens=4, split=False)
+        outs = [o async for o in gen]
         return [o.token_id for o in outs], outs[-1].metrics
 
     ctx = loop.run_until_complete(engine.save_shared_context("doc", document, pin=True))
