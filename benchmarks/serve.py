@@ -128,11 +128,12 @@ async def stream_request(
     stop: asyncio.Event | None = None,
     gaps: list[tuple[float, float]] | None = None,
     on_text: Callable[[int], None] | None = None,
+    extra_body: dict[str, Any] | None = None,
 ) -> tuple[float, float, int, int, float]:
     """Stream one completion; returns (TTFT s, mean s per chunk after the first, chunks, cached tokens, total s).
     With ``gaps`` each interval between consecutive text chunks is appended to it as (start, end) clock times;
     ``on_text`` is called with the count of text chunks so far after each; with ``stop`` the stream is closed
-    at the first text chunk after it is set."""
+    at the first text chunk after it is set; ``extra_body`` adds fields of the server's own (``ignore_eos``)."""
     t0 = time.perf_counter()
     first = last = None
     chunks = cached = 0
@@ -144,6 +145,7 @@ async def stream_request(
         stream=True,
         stream_options={"include_usage": True},
         user=user,
+        extra_body=extra_body,
     )
     try:
         async for chunk in stream:
@@ -278,6 +280,7 @@ async def run_doc_qa(
     answer_tokens: int,
     nonce: Callable,
     between_rounds: Callable[[], Any],
+    extra_body: dict[str, Any] | None = None,
 ) -> tuple[list[Sample], float]:
     """Every round's users concurrently, rounds one after the other; returns the samples and the time the rounds took.
 
@@ -288,7 +291,9 @@ async def run_doc_qa(
 
     async def one(r: int, u: int, tokens: list[int]) -> None:
         tokens = nonce() + tokens
-        ttft, tpot, chunks, cached, total = await stream_request(client, model, tokens, answer_tokens, f"{case}-{u}")
+        ttft, tpot, chunks, cached, total = await stream_request(
+            client, model, tokens, answer_tokens, f"{case}-{u}", extra_body=extra_body
+        )
         samples.append(Sample(case, u, r, len(tokens), cached, chunks, ttft * 1e3, tpot * 1e3, total * 1e3))
 
     elapsed = 0.0

@@ -201,6 +201,7 @@ class KVTierEngine(SharedContextAPI):
         session_id: str = "default",
         temperature: float = 0.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> AsyncIterator[GenerationOutput]:
         """Stream new tokens for ``prompt`` (text, chat messages or token ids), after a shared context if named.
 
@@ -215,6 +216,7 @@ class KVTierEngine(SharedContextAPI):
             session_id=session_id,
             temperature=temperature,
             seed=seed,
+            ignore_eos=ignore_eos,
         )
         index = 0
         pending: int | None = None
@@ -254,6 +256,7 @@ class KVTierEngine(SharedContextAPI):
         shared_context_id: Any = None,
         temperature: Any = 0.0,
         seed: Any = None,
+        ignore_eos: Any = False,
         keep_logits: bool = False,
     ) -> Request:
         """A checked request: every argument validated (``RequestError``), the shared context's tokens first."""
@@ -272,7 +275,7 @@ class KVTierEngine(SharedContextAPI):
             context=session,
             temperature=temperature,
             seed=seed,
-            stop_token=self.model.tokenizer.eos_token_id,
+            stop_token=None if check.flag(ignore_eos, "ignore_eos") else self.model.tokenizer.eos_token_id,
             keep_logits=keep_logits,
         )
 

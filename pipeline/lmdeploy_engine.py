@@ -203,13 +203,17 @@ class LMDeployKVTierEngine(SharedContextAPI):
             if gpu > 0:
                 reused["gpu"] = reused.get("gpu", 0) + gpu
 
-    def _gen_config(self, max_new_tokens: int, temperature: float, seed: int | None, top_logits: int = 0):
+    def _gen_config(
+        self, max_new_tokens: int, temperature: float, seed: int | None, top_logits: int = 0, ignore_eos: bool = False
+    ):
         from lmdeploy import GenerationConfig
 
         sampling: dict[str, Any] = {"top_k": 1} if temperature == 0 else {"temperature": temperature, "top_k": 0}
         if seed is not None:
             sampling["random_seed"] = seed
-        return GenerationConfig(max_new_tokens=max_new_tokens, logprobs=top_logits or None, **sampling)
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, logprobs=top_logits or None, ignore_eos=ignore_eos, **sampling
+        )
 
     def _request_tokens(self, prompt: Prompt, shared_context_id: Any, max_new_tokens: int) -> list[int]:
         tokens = self.validator.prompt(prompt)
@@ -258,23 +262,27 @@ class LMDeployKVTierEngine(SharedContextAPI):
         session_id: str = "default",
         temperature: float = 0.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
         split: bool = True,
     ) -> AsyncIterator[GenerationOutput]:
         """Stream new tokens for ``prompt`` (text, chat messages or token ids), after a shared context if named,
         as the transformers engine does: :class:`GenerationOutput` records, the last carrying the metrics
         (``reused_tokens`` by where they came from: ``gpu`` for LMDeploy's own prefix cache, ``ddr``, ``disk``).
-        ``split``: see :meth:`_outputs`."""
+        ``ignore_eos`` generates ``max_new_tokens`` whatever the model says; ``split``: see :meth:`_outputs`."""
         check = self.validator
         session_id = check.identifier(session_id, "session_id")
         max_new_tokens = check.max_new_tokens(max_new_tokens)
         temperature, seed = check.temperature(temperature), check.seed(seed)
+        ignore_eos = check.flag(ignore_eos, "ignore_eos")
         if temperature > 2:
             raise RequestError(f"temperature must be at most 2 on LMDeploy's engine, got {temperature}")
         tokens = self._request_tokens(prompt, shared_context_id, max_new_tokens)
         m = RequestMetrics()
         pending: int | None = None
         index = 0
-        async for ids, _ in self._outputs(tokens, self._gen_config(max_new_tokens, temperature, seed), m, split):
+        async for ids, _ in self._outputs(
+            tokens, self._gen_config(max_new_tokens, temperature, seed, ignore_eos=ignore_eos), m, split
+        ):
             for token in ids:
                 if pending is not None:
                     yield GenerationOutput(pending, self.tokenizer.decode([pending]), index, False)

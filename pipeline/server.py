@@ -109,6 +109,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     shared_context_id: str | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (as vLLM's and LMDeploy's servers)
     n: int = 1
     stop: str | list[str] | None = None
     logprobs: bool | int | None = None
@@ -435,6 +436,7 @@ class _App:
             session_id=body.user if body.user is not None else "default",
             temperature=body.temperature,
             seed=body.seed,
+            ignore_eos=body.ignore_eos,
         )
         try:
             first = await anext(stream)

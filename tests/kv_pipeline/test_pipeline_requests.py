@@ -58,6 +58,7 @@ async def test_bad_inputs_are_refused_with_clear_messages(make_engine):
             ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
             ({"max_new_tokens": 10**9}, "exceed the model's context length of 32768"),
             ({"temperature": float("nan")}, "temperature must be finite"),
+            ({"ignore_eos": 1}, "ignore_eos must be True or False"),
             ({"temperature": float("inf")}, "temperature must be finite"),
             ({"temperature": -0.5}, "temperature must be finite and >= 0"),
             ({"temperature": "0.7"}, "temperature must be a real number"),
@@ -95,6 +96,18 @@ async def test_bad_inputs_are_refused_with_clear_messages(make_engine):
         for temperature in (1e-300, 5e-324, 1e300, 1):
             outs = await run(engine, [5, 6, 7], max_new_tokens=3, temperature=temperature, seed=2**64 - 1)
             assert all(0 <= o.token_id < VOCAB for o in outs)
+
+
+async def test_ignore_eos_generates_past_the_end_token(make_engine):
+    """The end token stops a stream, unless ``ignore_eos``: then it runs to ``max_new_tokens``."""
+    async with make_engine() as engine:
+        prompt = list(range(10, 80))
+        (first,) = [o.token_id async for o in engine.generate(prompt, max_new_tokens=1)]
+        engine.model.tokenizer.eos_token_id = first  # the greedy first token now ends the answer
+        stopped = [o async for o in engine.generate(prompt, max_new_tokens=6)]
+        forced = [o async for o in engine.generate(prompt, max_new_tokens=6, ignore_eos=True)]
+    assert [o.token_id for o in stopped] == [first]
+    assert len(forced) == 6 and forced[0].token_id == first and forced[-1].metrics.output_tokens == 6
 
 
 async def test_prompt_plus_max_new_tokens_is_bounded_by_the_context_length(short_model_dir, tmp_path):

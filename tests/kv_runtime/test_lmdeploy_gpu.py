@@ -184,17 +184,21 @@ def test_reuse_is_reported_by_tier(engine, loop):
     store.always_load = True
     try:
         ddr = loop.run_until_complete(engine.prefill(tokens))
-        # both: the first 5 blocks in LMDeploy's cache (4 loaded, 1 computed by a shorter prompt), 5 from DDR
+        # both: the front in LMDeploy's cache (a shorter prompt's blocks), the rest loaded from DDR
         loop.run_until_complete(engine.evict_gpu_prefix_cache())
         loop.run_until_complete(engine.prefill(tokens[:320]))
         loop.run_until_complete(engine.drain())
+        loaded = store.stats.loaded_blocks["ddr"]
         both = loop.run_until_complete(engine.prefill(tokens + _prompt(24, 60)))
+        loaded = store.stats.loaded_blocks["ddr"] - loaded
     finally:
         store.always_load = False
     assert sum(cold.reused_tokens.values()) == 0
     assert warm.reused_tokens == {"gpu": 576}
     assert ddr.reused_tokens == {"ddr": 576, "disk": 0}
-    assert both.reused_tokens == {"gpu": 320, "ddr": 320, "disk": 0}
+    # LMDeploy's own count covers its cache and the connector's loads: kvtier's part is what it loaded
+    assert loaded > 0 and both.reused_tokens["ddr"] == 64 * loaded and both.reused_tokens["disk"] == 0
+    assert both.reused_tokens.get("gpu", 0) >= 320 and sum(both.reused_tokens.values()) == 640
 
 
 def test_shared_context_on_lmdeploy(engine, loop):
