@@ -97,8 +97,13 @@ def build_model_dir(
     peaked: bool = False,
     seed: int = 0,
     max_position_embeddings: int = 32768,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Create (or reuse, when it matches) a model directory; returns its path."""
+    """Create (or reuse, when it matches) a model directory; returns its path.
+
+    ``vocab_size`` overrides the shape's (its embedding and LM head; the KV cache does not change): a model with
+    the local tokenizer's vocabulary (8192) generates only tokens that have text, which a client timing streamed
+    text needs (a random-weight model with the full vocabulary mostly generates ids the tokenizer lacks)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -106,11 +111,13 @@ def build_model_dir(
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     path = Path(path)
     wanted = {"shape": shape, "dtype": dtype, "peaked": peaked, "seed": seed, "max_pos": max_position_embeddings}
+    if vocab_size is not None:
+        wanted["vocab_size"] = vocab_size
     marker = path / _MARKER
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return path
     path.mkdir(parents=True, exist_ok=True)
-    dims = SHAPES[shape]
+    dims = SHAPES[shape] if vocab_size is None else {**SHAPES[shape], "vocab_size": vocab_size}
     config = Qwen2Config(
         **dims,
         max_position_embeddings=max_position_embeddings,

@@ -281,15 +281,22 @@ async def run_doc_qa(
     nonce: Callable,
     between_rounds: Callable[[], Any],
     extra_body: dict[str, Any] | None = None,
+    concurrency: int | None = None,
 ) -> tuple[list[Sample], float]:
-    """Every round's users concurrently, rounds one after the other; returns the samples and the time the rounds took.
+    """Every round's users concurrently (at most ``concurrency`` requests at a time, in user order), rounds one
+    after the other; returns the samples and the time the rounds took.
 
     ``between_rounds`` runs (untimed) after each round: the users' time to read their answers, in which the
     server finishes writing the round's blocks back. A round then finds what the previous one saved whatever
     the machine's speed, so which requests hit does not depend on timing."""
     samples: list[Sample] = []
+    gate = asyncio.Semaphore(concurrency or max(1, max(len(row) for row in prompts)))
 
     async def one(r: int, u: int, tokens: list[int]) -> None:
+        async with gate:
+            await timed(r, u, tokens)
+
+    async def timed(r: int, u: int, tokens: list[int]) -> None:
         tokens = nonce() + tokens
         ttft, tpot, chunks, cached, total = await stream_request(
             client, model, tokens, answer_tokens, f"{case}-{u}", extra_body=extra_body

@@ -2,9 +2,9 @@
 
 Every figure is what a client sees: ``openai.AsyncOpenAI`` streams completions over HTTP and times the first
 chunk with text (TTFT) and the gaps after it (TPOT). Document QA as in ``kvtier bench serve``: users x rounds,
-each user a long document of its own plus one short question per round, a round's users concurrently, rounds one
-after the other; LMDeploy's GPU block pool holds only ``--pool-documents`` of the users' documents, so a user's
-next round finds its document evicted from HBM. Cases, all in one run on one model:
+each user a long document of its own plus one short question per round, rounds one after the other; LMDeploy's
+GPU block pool holds only ``--pool-documents`` of the users' documents, so a user's next round finds its
+document evicted from HBM. Cases, all in one run on one model:
 
 - ``kvtier``: kvtier's server (``kv_pipeline.server``) over LMDeploy's engine with kvtier's connector; the DDR tier
   holds every document.
@@ -12,8 +12,11 @@ next round finds its document evicted from HBM. Cases, all in one run on one mod
   engine settings, its GPU prefix cache only.
 - ``gpu_hit``: kvtier's server, ``--gpu-users`` new users whose documents fit the GPU pool: LMDeploy's own
   prefix-cache hits through the same server (rounds after the first).
-- ``no_reuse`` / ``no_reuse_lmdeploy``: the same prompts each behind a nonce of its own (nothing is ever found
-  again), through kvtier's server and through LMDeploy's.
+- ``no_reuse`` / ``no_reuse_lmdeploy``: the first round's prompts each behind a nonce of its own (nothing is
+  ever found again), through kvtier's server and through LMDeploy's.
+
+Requests go one at a time by default (``--concurrency``), users interleaved: every TTFT is the request's own,
+not a queue's behind other users' prefills in a pool that holds a few documents.
 
 The bars: a DDR hit's p50 TTFT (``kvtier``'s rounds after the first) at most the GPU hit's p50 plus 1.2x the
 document's KV bytes over the raw pinned host-to-device bandwidth measured in this run; p50 speed-up against
@@ -40,9 +43,12 @@ import numpy as np
 from kv_benchmarks.args import positive_float, positive_int
 from kv_benchmarks.report import Report
 
-FULL = dict(users=10, rounds=3, document_tokens=32768, question_tokens=128, answer_tokens=32, gpu_users=3)
-QUICK = dict(users=6, rounds=2, document_tokens=8192, question_tokens=64, answer_tokens=16, gpu_users=2)
+FULL = dict(
+    users=10, rounds=3, document_tokens=32768, question_tokens=128, answer_tokens=32, gpu_users=3, concurrency=1
+)
+QUICK = dict(users=6, rounds=2, document_tokens=8192, question_tokens=64, answer_tokens=16, gpu_users=2, concurrency=1)
 BLOCK = 64
+TOKENIZER_VOCAB = 8192  # kv_benchmarks.models trains tokenizers of at most this many tokens
 SPEEDUP_BAR = 6.0
 NO_REUSE_BAR = 1.03
 
@@ -167,8 +173,9 @@ async def _cases(base_url: str, model: str, cases: dict[str, list[list[str]]], p
             _say(f"case {case}: {len(prompts[0])} users x {len(prompts)} rounds")
             # every answer runs to answer_tokens (random weights end some at once): TPOT has tokens to measure
             out[case] = await run_doc_qa(
-                client, model, case, prompts, p["answer_tokens"], nonce, drain, extra_body={"ignore_eos": True}
-            )
+                client, model, case, prompts, p["answer_tokens"], nonce, drain,
+                extra_body={"ignore_eos": True}, concurrency=p["concurrency"],
+            )  # fmt: skip
     return out
 
 
@@ -197,7 +204,8 @@ def run(args: argparse.Namespace) -> Report:
     import torch
     from transformers import AutoTokenizer
 
-    from kv_benchmarks.e2e_lmdeploy import _model, _raw_h2d_gbps
+    from kv_benchmarks.e2e_lmdeploy import _raw_h2d_gbps
+    from kv_benchmarks.models import build_model_dir
     from kv_benchmarks.serve import percentiles
     from kv_runtime import KVLayout
 
@@ -206,7 +214,15 @@ def run(args: argparse.Namespace) -> Report:
     base = QUICK if args.quick else FULL
     p = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in base.items()}
     work = Path(args.work_dir)
-    model_dir = _model(work, args.lmdeploy_shape, [p["document_tokens"] + 2048])
+    # the local tokenizer's vocabulary: every generated token streams text, so the client sees each one
+    model_dir = build_model_dir(
+        work / f"model-{args.lmdeploy_shape}-bf16-vocab{TOKENIZER_VOCAB}",
+        args.lmdeploy_shape,
+        dtype="bfloat16",
+        device="cuda",
+        max_position_embeddings=p["document_tokens"] + 4096,
+        vocab_size=TOKENIZER_VOCAB,
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     per_token = KVLayout.from_config(
         json.loads((model_dir / "config.json").read_text()), block_size=BLOCK, dtype=torch.bfloat16
@@ -226,12 +242,12 @@ def run(args: argparse.Namespace) -> Report:
         async def nothing() -> None:
             return None
 
-        alone = asyncio.run(_cases(lmd.base_url, lmd.model, {"lmdeploy": qa, "no_reuse_lmdeploy": qa}, p, nothing))
+        alone = asyncio.run(_cases(lmd.base_url, lmd.model, {"lmdeploy": qa, "no_reuse_lmdeploy": qa[:1]}, p, nothing))
     finally:
         lmd.stop()
     torch.cuda.empty_cache()
     ddr_bytes = int(args.ddr_gib * 2**30)
-    ours = _kvtier_cases(model_dir, p, options, ddr_bytes, {"kvtier": qa, "gpu_hit": gpu_qa, "no_reuse": qa})
+    ours = _kvtier_cases(model_dir, p, options, ddr_bytes, {"kvtier": qa, "gpu_hit": gpu_qa, "no_reuse": qa[:1]})
     snapshot = ours.pop("snapshot")
     engine_side = snapshot.get("pipeline", {})
     results = {**alone, **ours}

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HINT_TTL_S = 120.0
+# What one more LMDeploy request costs at least: a request whose whole prompt is in LMDeploy's GPU prefix cache
+# took 40-61 ms to its first token at 32K tokens on an H200 (docs/design.md).
+SPLIT_REQUEST_MS = 50.0
 
 
 class LMDeploySchedulerSide:
@@ -240,7 +243,10 @@ class LMDeploySchedulerSide:
         usable = (len(tokens) - 1) // bs
         rk = self.service.keyer.request(np.asarray(tokens[: usable * bs], dtype=np.int64))
         lease = self.service.lookup(rk)
-        if lease.choice != "both":
+        plan = lease.plan
+        # The split costs LMDeploy one more request (queued, scheduled and finished on its own): only a gain
+        # larger than that is worth it, which in practice means blocks coming up from disk.
+        if lease.choice != "both" or plan.best_load_ms - plan.best_both_ms < SPLIT_REQUEST_MS:
             self.service.release(lease)
             return None
         s, k = lease.plan.recompute_front, lease.plan.load_end

@@ -614,6 +614,19 @@ def test_plan_split_none_when_recompute_wins(stores):
     assert pins(nodes) == [0] * 8 and not store.scheduler._recompute_hints
 
 
+def test_plan_split_none_when_the_split_gains_less_than_a_request(stores):
+    """Per block ~38 ms to compute, 6 ms to load: the best split (compute 1 block while 7 load) beats loading all
+    by a few ms only, less than the extra request it takes on LMDeploy."""
+    from kv_runtime.backends.lmdeploy_scheduler import SPLIT_REQUEST_MS
+
+    toks = tokens(44, 8 * BS + 1)
+    store, nodes = _split_store(stores, toks, disk_gbps=BLOCK_BYTES / 0.006 / 1e9)
+    plan = store.cost.plan(["disk"] * 8, BS)
+    assert plan.choice == "both" and 0 < plan.best_load_ms - plan.best_both_ms < SPLIT_REQUEST_MS
+    assert store.scheduler.plan_split(toks.tolist()) is None
+    assert pins(nodes) == [0] * 8 and not store.scheduler._recompute_hints and not store.scheduler._prefetching
+
+
 def test_plan_split_front_recomputes_while_back_loads(stores):
     """Per block: ~38 ms to compute (more further in: attention), 40 ms to load from disk. Recompute all ~319 ms,
     load all 320 ms; computing the front 4 blocks (~155 ms) while the back 4 load (160 ms) beats both."""
