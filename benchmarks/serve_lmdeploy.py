@@ -298,8 +298,8 @@ def run(args: argparse.Namespace) -> Report:
         f"p50 TTFT {metrics['ttft_ms']['kvtier']['p50']:.0f} ms with kvtier vs "
         f"{metrics['ttft_ms']['lmdeploy']['p50']:.0f} ms LMDeploy alone ({metrics['speedup_p50']:.2f}x, bar 6x).",
         f"No reuse: TTFT p50 ratio {over['ttft_p50_ratio']:.3f}, TPOT ratio {over['tpot_ratio']:.3f} (bar 1.03).",
-        f"{p['users']} users x {p['rounds']} rounds, {p['document_tokens']}-token documents, concurrent within a "
-        f"round; KV {kv_bytes / 2**30:.2f} GiB per request; GPU pool {pool_blocks} blocks.",
+        f"{p['users']} users x {p['rounds']} rounds, {p['document_tokens']}-token documents, {p['concurrency']} "
+        f"request(s) at a time; KV {kv_bytes / 2**30:.2f} GiB per request; GPU pool {pool_blocks} blocks.",
     ]
     config = {**p, "pool_documents": args.pool_documents, "pool_blocks": pool_blocks, "ddr_gib": args.ddr_gib,
               "shape": args.lmdeploy_shape, "engine_options": options, "model": str(model_dir)}  # fmt: skip

@@ -111,8 +111,15 @@ class RequestValidator:
         return self._checked(prompt, name, encoded=False)
 
     def _checked(self, tokens: Sequence[Any], name: str, *, encoded: bool) -> list[int]:
-        out = []
+        # The tokenizer's ids are ints: they are checked in one pass of numpy (a 32K-token prompt in about 1 ms,
+        # against tens of ms for the loop below). Ids a caller gave take the loop, which refuses bools (numpy
+        # would read True as 1) and names the first bad entry; so does an encoding that fails the fast check.
         vocab = self.limits.vocab_size
+        if encoded and tokens:
+            arr = np.asarray(tokens)
+            if arr.ndim == 1 and arr.dtype.kind in "iu" and arr.min() >= 0 and arr.max() < vocab:
+                return arr.tolist()
+        out = []
         for i, t in enumerate(tokens):
             if not _is_int(t):
                 raise RequestError(f"{name}[{i}] is {_type(t)} {t!r}; token ids are integers")
