@@ -2,8 +2,9 @@
 
 CUDA, LMDeploy 0.18 and the server's packages only; the real ``openai`` client. The first server saves a pinned
 shared context and answers requests against it (their ``cached_tokens`` cover the context); a second server
-process over the same cache directory still knows the context, loads its blocks from disk (its log says so),
-reports them in ``cached_tokens`` and answers with the same greedy completion. Both expose ``/metrics``.
+process over the same cache directory still knows the context, warms up (``--warm-up``: the context's blocks
+come up from disk into DDR before it serves, its log says so), reports them in ``cached_tokens`` and answers with
+the same greedy completion. Both expose ``/metrics``.
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ def _get(url: str) -> bool:
 
 
 class _Server:
-    def __init__(self, model: Path, cache: Path, log: Path) -> None:
+    def __init__(self, model: Path, cache: Path, log: Path, *extra: str) -> None:
         self.port = _free_port()
         self.log = log
         cmd = [sys.executable, "-m", "kv_pipeline.cli", "--log-level", "INFO", "serve", str(model)]
         cmd += ["--engine", "lmdeploy"]
         cmd += ["--ddr-bytes", "1GiB", "--disk-bytes", "1GiB", "--cache-dir", str(cache), "--session-len", "8192"]
         # every saved block goes to disk at once (the default, selective, waits for a block's second use)
-        cmd += ["--write-mode", "write-through"]
+        cmd += ["--write-mode", "write-through", *extra]
         # a tiny model prefills in microseconds by its FLOPs: a low prior makes the cost model load its blocks
         cmd += ["--prefill-tflops", "0.001"]
         cmd += ["--cache-max-entry-count", "0.05", "--server-name", "127.0.0.1", "--server-port", str(self.port)]
@@ -151,16 +152,22 @@ def test_serve_shared_context_survives_restart(tmp_path):
     finally:
         first.stop()
 
-    second = _Server(model, cache, tmp_path / "second.log")
+    # the restarted server warms up: the pinned context's blocks come up from disk before it accepts requests
+    second = _Server(model, cache, tmp_path / "second.log", "--warm-up")
     try:
         info = json.loads(second.get("/v1/shared_contexts/price-list"))
-        assert info["tokens"] == saved["tokens"] and info["blocks_by_tier"].get("disk", 0) >= full // 64
+        assert info["tokens"] == saved["tokens"]
+        assert (
+            info["blocks_by_tier"].get("disk", 0) >= full // 64 and info["blocks_by_tier"].get("ddr", 0) >= full // 64
+        )
         again, cached_again = second.ask(question, "price-list")
     finally:
         second.stop()
     log = second.log.read_text(errors="replace")
+    warm = re.findall(r"kvtier: warm-up promoted (\d+) of (\d+) blocks", log)
+    assert warm and int(warm[0][0]) >= full // 64, f"no warm-up:\n{log[-4000:]}"
     hits = [(int(a), int(b)) for a, b in re.findall(r"kvtier: request \d+ loads (\d+) blocks \((\d+) from disk\)", log)]
     assert hits, f"the restarted server found nothing in kvtier:\n{log[-4000:]}"
-    assert all(n > 0 and disk == n for n, disk in hits)  # a new process: every block it loads comes from disk
+    assert all(n > 0 and disk == 0 for n, disk in hits)  # warmed up: every block it loads is in DDR already
     assert cached_again >= full
     assert again == text
